@@ -1,0 +1,1199 @@
+"""The execnet protocol, pure Python: serializer, frames, channels, gateways.
+
+This module is the reference implementation of the wire protocol and the
+code that runs on remote interpreters.  It must stay self-contained and
+stdlib-only: the bootstrap sends its source text to interpreters that
+cannot import our package, and executes it there as a plain module
+(Python 3.8 and newer).
+
+The hot path -- serializer, framing, receiver loop, channel queue -- sits
+behind a small seam (``_Engine``, ``ChannelQueue``, ``_dumps_payload``,
+``_loads_payload``); at the bottom of this file the native core replaces
+those names when it can be imported and is not disabled with
+``EXECNET_NO_EXTENSIONS``.  ``backend`` tells which engine runs.
+"""
+import os
+import struct
+import sys
+import threading
+import traceback
+import weakref
+
+PROTOCOL_TAG = "execnet-native-1"
+
+# ---------------------------------------------------------------------------
+# exceptions
+
+DUMPFORMAT_VERSION = b"\x02"
+
+
+class DataFormatError(Exception):
+    """Base class for serializer errors."""
+
+
+class DumpError(DataFormatError):
+    """An object cannot be serialized."""
+
+
+class LoadError(DataFormatError):
+    """Bytes cannot be deserialized."""
+
+
+class RemoteError(Exception):
+    """An exception raised by code on the other side of a channel.
+
+    ``formatted`` holds the remote traceback text.
+    """
+
+    def __init__(self, formatted):
+        super().__init__(formatted)
+        self.formatted = formatted
+
+    def __str__(self):
+        return self.formatted
+
+    def __repr__(self):
+        return "%s: %s" % (self.__class__.__name__, self.formatted)
+
+    def warn(self):
+        if self.formatted != INTERRUPT_TEXT:
+            sys.stderr.write("[%s] Unhandled error in remote execution:\n%s\n"
+                             % (os.getpid(), self.formatted))
+
+
+class TimeoutError(IOError):
+    """A blocking channel or gateway operation timed out."""
+
+
+INTERRUPT_TEXT = "keyboard-interrupted"
+
+
+class GatewayReceivedTerminate(Exception):
+    """The receiver got a GATEWAY_TERMINATE message."""
+
+
+# ---------------------------------------------------------------------------
+# execution models
+
+
+class ExecModel:
+    """Threading primitives of one execution model.
+
+    ``thread``: remote_exec'd code runs in threads; ``main_thread_only``:
+    it runs on the main thread, one call after another.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __repr__(self):
+        return "<ExecModel %r>" % self.backend
+
+    # primitives
+    def get_ident(self):
+        return threading.get_ident()
+
+    def sleep(self, delay):
+        import time
+
+        time.sleep(delay)
+
+    def start(self, func, args=()):
+        t = threading.Thread(target=func, args=args, daemon=True,
+                             name="execnet-%s" % getattr(func, "__name__", "task"))
+        t.start()
+        return t
+
+    def fdopen(self, fd, mode, bufsize=1, closefd=True):
+        return os.fdopen(fd, mode, bufsize, closefd=closefd)
+
+    def Lock(self):
+        return threading.Lock()
+
+    def RLock(self):
+        return threading.RLock()
+
+    def Event(self):
+        return threading.Event()
+
+    def Condition(self, lock=None):
+        return threading.Condition(lock)
+
+    def PopenPiped(self, args, **kwargs):
+        import subprocess
+
+        return subprocess.Popen(args, **kwargs)
+
+
+class _GreenExecModel(ExecModel):
+    """gevent/eventlet: primitives of the green library (pure engine only)."""
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        if backend == "gevent":
+            import gevent
+            import gevent.event
+            import gevent.lock
+            import gevent.thread
+
+            self._mod = gevent
+            self._lock = gevent.lock.Semaphore
+            self._rlock = gevent.lock.RLock
+            self._event = gevent.event.Event
+            self._ident = gevent.thread.get_ident
+            self._spawn = gevent.spawn
+        else:
+            import eventlet
+            import eventlet.green.threading as gthreading
+            import eventlet.semaphore
+
+            self._mod = eventlet
+            self._lock = eventlet.semaphore.Semaphore
+            self._rlock = gthreading.RLock
+            self._event = gthreading.Event
+            self._ident = gthreading.get_ident
+            self._spawn = eventlet.spawn_n
+
+    def get_ident(self):
+        return self._ident()
+
+    def sleep(self, delay):
+        self._mod.sleep(delay)
+
+    def start(self, func, args=()):
+        return self._spawn(func, *args)
+
+    def Lock(self):
+        return self._lock()
+
+    def RLock(self):
+        return self._rlock()
+
+    def Event(self):
+        return self._event()
+
+    def Condition(self, lock=None):
+        if self.backend == "gevent":
+            import gevent._threading  # noqa: F401 - cooperative under monkeypatch
+
+        return threading.Condition(lock)
+
+    def PopenPiped(self, args, **kwargs):
+        if self.backend == "gevent":
+            import gevent.subprocess as sp
+        else:
+            import eventlet.green.subprocess as sp
+        return sp.Popen(args, **kwargs)
+
+
+_execmodels = {}
+
+
+def get_execmodel(backend):
+    """Return the ExecModel named ``backend`` (or ``backend`` if it is one)."""
+    if hasattr(backend, "backend"):
+        return backend
+    model = _execmodels.get(backend)
+    if model is None:
+        if backend in ("thread", "main_thread_only"):
+            model = ExecModel(backend)
+        elif backend in ("gevent", "eventlet"):
+            model = _GreenExecModel(backend)
+        else:
+            raise ValueError("unknown execmodel %r" % (backend,))
+        _execmodels[backend] = model
+    return model
+
+
+# ---------------------------------------------------------------------------
+# serializer: opcodes of execnet 2.x (see doc/protocol.rst)
+
+FOUR_BYTE_INT_MAX = 2147483647
+_int4 = struct.Struct("!i")
+_double = struct.Struct("!d")
+_complex = struct.Struct("!dd")
+_header = struct.Struct("!bii")
+MAX_NESTING = 1000
+
+
+def _dumps_payload(obj):
+    """Serialize ``obj`` without the version byte, ending with STOP."""
+    out = []
+    _save(out.append, obj, 0, None)
+    out.append(b"Q")
+    return b"".join(out)
+
+
+def _save(w, obj, depth, _channel_type):
+    tp = type(obj)
+    if tp is int:
+        if -FOUR_BYTE_INT_MAX - 1 <= obj <= FOUR_BYTE_INT_MAX:
+            w(b"F" + _int4.pack(obj))
+        else:
+            try:
+                s = str(obj).encode("ascii")
+            except ValueError as exc:  # int max str digits
+                raise DumpError("can't serialize int: %s" % (exc,)) from None
+            w(b"H" + _int4.pack(len(s)) + s)
+    elif tp is str:
+        try:
+            s = obj.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DumpError("can't serialize str: %s" % (exc,)) from None
+        w(b"N" + _int4.pack(len(s)))
+        w(s)
+    elif tp is bytes:
+        w(b"A" + _int4.pack(len(obj)))
+        w(obj)
+    elif obj is None:
+        w(b"L")
+    elif obj is True:
+        w(b"R")
+    elif obj is False:
+        w(b"C")
+    elif tp is float:
+        w(b"D" + _double.pack(obj))
+    elif tp is complex:
+        w(b"T" + _complex.pack(obj.real, obj.imag))
+    elif tp is list or tp is dict or tp is tuple or tp is set or tp is frozenset:
+        if depth >= MAX_NESTING:
+            raise DumpError("object too deeply nested (>%d levels) or recursive"
+                            % MAX_NESTING)
+        depth += 1
+        if tp is list:
+            w(b"K" + _int4.pack(len(obj)))
+            for i, item in enumerate(obj):
+                w(b"F" + _int4.pack(i))
+                _save(w, item, depth, None)
+                w(b"P")
+        elif tp is dict:
+            w(b"J")
+            for key, value in obj.items():
+                _save(w, key, depth, None)
+                _save(w, value, depth, None)
+                w(b"P")
+        else:
+            for item in obj:
+                _save(w, item, depth, None)
+            code = b"@" if tp is tuple else b"O" if tp is set else b"E"
+            w(code + _int4.pack(len(obj)))
+    elif isinstance(obj, Channel):
+        w(b"B" + _int4.pack(obj.id))
+    else:
+        raise DumpError("can't serialize %r" % (tp,))
+
+
+class _Reader:
+    """Byte source for the decoder: a buffer, or a file read on demand."""
+
+    __slots__ = ("data", "pos", "file")
+
+    def __init__(self, data=None, file=None):
+        self.data = memoryview(data) if data is not None else None
+        self.pos = 0
+        self.file = file
+
+    def read(self, n):
+        if self.file is not None:
+            b = self.file.read(n)
+            if len(b) != n:
+                raise LoadError("truncated data: wanted %d bytes, got %d"
+                                % (n, len(b)))
+            return b
+        end = self.pos + n
+        if end > len(self.data):
+            raise LoadError("truncated data at offset %d: wanted %d bytes"
+                            % (self.pos, n))
+        b = self.data[self.pos:end]
+        self.pos = end
+        return b
+
+    def remaining(self):
+        if self.file is not None:
+            return None
+        return len(self.data) - self.pos
+
+
+def _read_count(r):
+    n = _int4.unpack(r.read(4))[0]
+    if n < 0:
+        raise LoadError("negative length %d" % n)
+    rem = r.remaining()
+    if rem is not None and n > rem:
+        raise LoadError("length %d exceeds the %d bytes left" % (n, rem))
+    return n
+
+
+class _Unserializer:
+    """Postfix stack machine over the opcode stream."""
+
+    def __init__(self, reader, channel_factory, py2str_as_py3str):
+        self.r = reader
+        self.stack = []
+        self.channel_factory = channel_factory
+        self.py2str_as_py3str = py2str_as_py3str
+
+    def load(self):
+        r = self.r
+        stack = self.stack
+        push = stack.append
+        while True:
+            op = bytes(r.read(1))
+            if op == b"F" or op == b"G":
+                push(_int4.unpack(r.read(4))[0])
+            elif op == b"N" or op == b"S":
+                n = _read_count(r)
+                try:
+                    push(str(r.read(n), "utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise LoadError("invalid UTF-8 in str: %s" % (exc,)) from None
+            elif op == b"A":
+                push(bytes(r.read(_read_count(r))))
+            elif op == b"P":
+                if len(stack) < 3:
+                    raise LoadError("setitem with too few items on the stack")
+                value = stack.pop()
+                key = stack.pop()
+                container = stack[-1]
+                tp = type(container)
+                if tp is dict:
+                    try:
+                        container[key] = value
+                    except TypeError as exc:
+                        raise LoadError("unhashable dict key: %s" % (exc,)) from None
+                elif tp is list:
+                    if type(key) is not int or not 0 <= key < len(container):
+                        raise LoadError("bad list index %r" % (key,))
+                    container[key] = value
+                else:
+                    raise LoadError("setitem on %s" % (tp.__name__,))
+            elif op == b"L":
+                push(None)
+            elif op == b"R":
+                push(True)
+            elif op == b"C":
+                push(False)
+            elif op == b"K":
+                n = _int4.unpack(r.read(4))[0]
+                rem = r.remaining()
+                if n < 0 or (rem is not None and n > rem // 7):
+                    raise LoadError("bad list length %d" % n)
+                push([None] * n)
+            elif op == b"J":
+                push({})
+            elif op == b"@" or op == b"O" or op == b"E":
+                n = _int4.unpack(r.read(4))[0]
+                if n < 0 or n > len(stack):
+                    raise LoadError("bad item count %d" % n)
+                items = stack[len(stack) - n:]
+                del stack[len(stack) - n:]
+                if op == b"@":
+                    push(tuple(items))
+                else:
+                    try:
+                        push(set(items) if op == b"O" else frozenset(items))
+                    except TypeError as exc:
+                        raise LoadError("unhashable set item: %s" % (exc,)) from None
+            elif op == b"H" or op == b"I":
+                n = _read_count(r)
+                digits = bytes(r.read(n))
+                body = digits[1:] if digits[:1] == b"-" else digits
+                if not body or not body.isdigit():
+                    raise LoadError("bad long int digits")
+                try:
+                    push(int(digits))
+                except ValueError as exc:
+                    raise LoadError("bad long int: %s" % (exc,)) from None
+            elif op == b"D":
+                push(_double.unpack(r.read(8))[0])
+            elif op == b"T":
+                re_, im = _complex.unpack(r.read(16))
+                push(complex(re_, im))
+            elif op == b"M":
+                b = bytes(r.read(_read_count(r)))
+                push(b.decode("latin-1") if self.py2str_as_py3str else b)
+            elif op == b"B":
+                chid = _int4.unpack(r.read(4))[0]
+                if self.channel_factory is None:
+                    raise LoadError("channel in data without a gateway")
+                push(self.channel_factory(chid))
+            elif op == b"Q":
+                if len(stack) != 1:
+                    raise LoadError("stop with %d items on the stack" % len(stack))
+                return stack.pop()
+            elif not op:
+                raise LoadError("truncated data")
+            else:
+                raise LoadError("unknown opcode %r" % (op,))
+
+
+def _loads_payload(data, channel_factory=None, py2str_as_py3str=False):
+    """Decode one payload (no version byte) that ends with STOP."""
+    r = _Reader(data)
+    obj = _Unserializer(r, channel_factory, py2str_as_py3str).load()
+    if r.pos != len(r.data):
+        raise LoadError("trailing data after stop opcode")
+    return obj
+
+
+def dumps(obj):
+    """Serialize ``obj`` to bytes (with the format version byte)."""
+    return DUMPFORMAT_VERSION + _dumps_payload(obj)
+
+
+def loads(bytestring, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Inverse of :func:`dumps`."""
+    data = memoryview(bytestring)
+    if len(data) < 1 or data[:1] != DUMPFORMAT_VERSION:
+        raise LoadError("unknown serialization format version (%r)"
+                        % (bytes(data[:1]),))
+    return _loads_payload(data[1:], None, py2str_as_py3str)
+
+
+def dump(byteio, obj):
+    """Write ``dumps(obj)`` to the binary file ``byteio``."""
+    byteio.write(dumps(obj))
+
+
+def load(byteio, py2str_as_py3str=False, py3str_as_py2str=False):
+    """Read one object written by :func:`dump` from ``byteio``."""
+    version = byteio.read(1)
+    if version != DUMPFORMAT_VERSION:
+        raise LoadError("unknown serialization format version (%r)" % (version,))
+    return _Unserializer(_Reader(file=byteio), None, py2str_as_py3str).load()
+
+
+# ---------------------------------------------------------------------------
+# messages
+
+class Message:
+    """Names of the message types; the frame is ``!bii`` + payload."""
+
+    STATUS = 0
+    RECONFIGURE = 1
+    GATEWAY_TERMINATE = 2
+    CHANNEL_EXEC = 3
+    CHANNEL_DATA = 4
+    CHANNEL_CLOSE = 5
+    CHANNEL_CLOSE_ERROR = 6
+    CHANNEL_LAST_MESSAGE = 7
+
+    _names = ["STATUS", "RECONFIGURE", "GATEWAY_TERMINATE", "CHANNEL_EXEC",
+              "CHANNEL_DATA", "CHANNEL_CLOSE", "CHANNEL_CLOSE_ERROR",
+              "CHANNEL_LAST_MESSAGE"]
+
+
+def _frame(msgcode, channelid, payload=b""):
+    return _header.pack(msgcode, channelid, len(payload)) + payload
+
+
+def _frame_obj(msgcode, channelid, obj):
+    return _frame(msgcode, channelid, _dumps_payload(obj))
+
+
+# ---------------------------------------------------------------------------
+# channel queue: the per-channel FIFO with close state
+
+_NOT_CLOSED = object()
+
+
+class ChannelQueue:
+    """FIFO of received items that ends, once, with a close.
+
+    ``get(timeout)`` returns the next item, or raises the close reason:
+    EOFError for a normal close, the stored RemoteError otherwise,
+    TimeoutError when ``timeout`` passes first.
+    """
+
+    def __init__(self):
+        import collections
+
+        self._cond = threading.Condition(threading.Lock())
+        self._items = collections.deque()
+        self._end = _NOT_CLOSED  # None: normal close, else the error
+
+    def put(self, item):
+        with self._cond:
+            if self._end is not _NOT_CLOSED:
+                return False
+            self._items.append(item)
+            self._cond.notify()
+            return True
+
+    def close(self, error=None):
+        with self._cond:
+            if self._end is not _NOT_CLOSED:
+                return False
+            self._end = error
+            self._cond.notify_all()
+            return True
+
+    def is_closed(self):
+        return self._end is not _NOT_CLOSED
+
+    def error(self):
+        end = self._end
+        return None if end is _NOT_CLOSED else end
+
+    def drain(self):
+        """Remove and return every queued item."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            return items
+
+    def get(self, timeout=None):
+        with self._cond:
+            if not self._items and self._end is _NOT_CLOSED:
+                if not self._cond.wait_for(
+                        lambda: self._items or self._end is not _NOT_CLOSED,
+                        timeout):
+                    raise TimeoutError("no item after %r seconds" % (timeout,))
+            if self._items:
+                return self._items.popleft()
+            if self._end is None:
+                raise EOFError("channel closed")
+            raise self._end
+
+    def wait_closed(self, timeout=None):
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._end is not _NOT_CLOSED, timeout)
+
+    def __len__(self):
+        return len(self._items)
+
+
+# ---------------------------------------------------------------------------
+# channels
+
+NO_ENDMARKER_WANTED = object()
+
+
+class Channel:
+    """One end of a bidirectional connection to code on the other side."""
+
+    RemoteError = RemoteError
+    TimeoutError = TimeoutError
+    _INTERNALWAKEUP = 1000
+    _executing = False
+
+    def __init__(self, gateway, id):
+        assert isinstance(id, int)
+        self.gateway = gateway
+        self.id = id
+        self._queue = ChannelQueue()
+        self._closed = False  # no more sends from this side
+        self._callback = None
+        self._remoteerrors = []
+        self._strconfig = None
+
+    def __repr__(self):
+        flag = "closed" if self.isclosed() else "open"
+        return "<Channel id=%d %s>" % (self.id, flag)
+
+    def __del__(self):
+        gw = getattr(self, "gateway", None)
+        if gw is None or self._closed or self._queue.is_closed():
+            return
+        # nobody can receive on this channel anymore: tell the peer
+        try:
+            gw._send(Message.CHANNEL_LAST_MESSAGE, self.id)
+        except Exception:
+            pass
+
+    # -- configuration
+    def _getremoteerror(self):
+        try:
+            return self._remoteerrors.pop(0)
+        except IndexError:
+            return None
+
+    def setcallback(self, callback, endmarker=NO_ENDMARKER_WANTED):
+        """Have ``callback(item)`` called, in the receiver thread, for every
+        item; already queued items are passed first.  At close,
+        ``callback(endmarker)`` is called if an endmarker was given."""
+        factory = self.gateway._channelfactory
+        with factory._writelock:
+            if self._callback is not None:
+                raise OSError("%r has a callback already" % (self,))
+            for item in self._queue.drain():
+                callback(item)
+            if self._queue.is_closed():
+                if endmarker is not NO_ENDMARKER_WANTED:
+                    callback(endmarker)
+                self._callback = callback
+                return
+            self._callback = callback
+            factory._callbacks[self.id] = (callback, endmarker, self._strconfig)
+
+    def _check_no_callback(self):
+        if self._callback is not None:
+            raise OSError("calling receive() on channel with receiver callback")
+
+    # -- state
+    def isclosed(self):
+        """True once the channel is closed (from either side)."""
+        return self._closed or self._queue.is_closed()
+
+    def makefile(self, mode="w", proxyclose=False):
+        """A file-like object writing to (mode 'w') or reading from ('r') the channel."""
+        if mode == "w":
+            return ChannelFileWrite(channel=self, proxyclose=proxyclose)
+        elif mode == "r":
+            return ChannelFileRead(channel=self, proxyclose=proxyclose)
+        raise ValueError("mode %r not available" % (mode,))
+
+    def close(self, error=None):
+        """Close the channel; with ``error`` the peer's receive/waitclose
+        raise it as a RemoteError."""
+        if self._executing:
+            raise OSError("cannot explicitly close channel within remote_exec")
+        self._close(error)
+
+    def _close(self, error=None):
+        if self._closed:
+            return
+        self._closed = True
+        gw = self.gateway
+        if not self._queue.is_closed():
+            try:
+                if error is not None:
+                    gw._send(Message.CHANNEL_CLOSE_ERROR, self.id, str(error))
+                else:
+                    gw._send(Message.CHANNEL_CLOSE, self.id)
+            except (OSError, ValueError):
+                pass
+        if error is not None:
+            if isinstance(error, RemoteError):
+                self._remoteerrors.append(error)
+        gw._channelfactory._local_close(self.id, None, local=True)
+
+    def waitclose(self, timeout=None):
+        """Wait until the channel is closed; raise a RemoteError the peer
+        sent, or TimeoutError."""
+        if not self._queue.wait_closed(timeout):
+            raise TimeoutError("Timeout after %r seconds" % (timeout,))
+        error = self._getremoteerror()
+        if error is not None:
+            raise error
+
+    def send(self, item):
+        """Send ``item`` to the other side (must be serializable)."""
+        if self.isclosed():
+            raise OSError("cannot send to %r" % (self,))
+        self.gateway._send(Message.CHANNEL_DATA, self.id, item)
+
+    def receive(self, timeout=None):
+        """Return the next item; raise EOFError when the channel closed,
+        RemoteError when the peer closed it with an error, TimeoutError."""
+        self._check_no_callback()
+        try:
+            return self._queue.get(timeout)
+        except RemoteError:
+            error = self._getremoteerror()
+            if error is None:
+                error = self._queue.error()
+            raise error from None
+
+    def __iter__(self):
+        return self
+
+    def next(self):
+        try:
+            return self.receive()
+        except EOFError:
+            raise StopIteration from None
+
+    __next__ = next
+
+    def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
+        """Set how this channel's items load on the other side."""
+        data = (py2str_as_py3str, py3str_as_py2str)
+        self._strconfig = data
+        self.gateway._send(Message.RECONFIGURE, self.id, data)
+
+
+ENDMARKER = object()
+
+
+class ChannelFactory:
+    """The channels of one gateway: id allocation and message dispatch."""
+
+    def __init__(self, gateway, startcount=1):
+        self._channels = weakref.WeakValueDictionary()
+        self._callbacks = {}
+        self._writelock = threading.RLock()
+        self.gateway = gateway
+        self.count = startcount
+        self.finished = False
+        self._list = list  # needed during interpreter shutdown
+
+    def new(self, id=None):
+        """Return the channel with ``id``, creating it (and a fresh id) as needed."""
+        with self._writelock:
+            if self.finished:
+                raise OSError("connection already closed: %s" % (self.gateway,))
+            if id is None:
+                id = self.count
+                self.count += 2
+            try:
+                channel = self._channels[id]
+            except KeyError:
+                channel = self._channels[id] = Channel(self.gateway, id)
+            return channel
+
+    def channels(self):
+        return self._list(self._channels.values())
+
+    # -- dispatch, called by the receiver
+    def _local_close(self, id, remoteerror=None, sendonly=False, local=False):
+        """Close channel ``id`` for receiving (``sendonly``: the peer only
+        stopped receiving; we drop nothing we still have)."""
+        with self._writelock:
+            channel = self._channels.get(id)
+            cb = self._callbacks.pop(id, None)
+            if channel is None:
+                if cb is not None and not local:
+                    self._call_endmarker(cb)
+                return
+            if remoteerror is not None:
+                channel._remoteerrors.append(remoteerror)
+            if not sendonly:
+                channel._closed = True
+            channel._queue.close(remoteerror)
+            del self._channels[id]
+        if cb is not None and not local:
+            self._call_endmarker(cb)
+
+    def _call_endmarker(self, cb):
+        callback, endmarker, _ = cb
+        if endmarker is not NO_ENDMARKER_WANTED:
+            callback(endmarker)
+
+    def _local_receive(self, id, data):
+        """Queue or hand to the callback one CHANNEL_DATA payload."""
+        cb = self._callbacks.get(id)
+        if cb is None:
+            channel = self._channels.get(id)
+            if channel is None:
+                return  # nobody can receive on it anymore
+            cfg = channel._strconfig or self.gateway._strconfig
+            channel._queue.put(_loads_payload(data, self.new, cfg[0]))
+            return
+        callback, endmarker, strconfig = cb
+        cfg = strconfig or self.gateway._strconfig
+        try:
+            callback(_loads_payload(data, self.new, cfg[0]))
+        except Exception:
+            excinfo = sys.exc_info()
+            self.gateway._trace("exception during callback: %s" % (excinfo[1],))
+            errortext = self.gateway._geterrortext(excinfo)
+            self.gateway._send(Message.CHANNEL_CLOSE_ERROR, id, errortext)
+            self._local_close(id, RemoteError(errortext))
+
+    def _finished_receiving(self, reason=None):
+        """The connection ended: close every channel, with ``reason``."""
+        with self._writelock:
+            self.finished = True
+        for id in self._list(self._channels):
+            self._local_close(id, reason, sendonly=False)
+        for id in self._list(self._callbacks):
+            self._local_close(id, reason, sendonly=False)
+
+
+class ChannelFile:
+    def __init__(self, channel, proxyclose=True):
+        self.channel = channel
+        self._proxyclose = proxyclose
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        if self._proxyclose:
+            self.channel.close()
+
+    def __repr__(self):
+        state = "closed" if self.channel.isclosed() else "open"
+        return "<ChannelFile %d %s>" % (self.channel.id, state)
+
+
+class ChannelFileWrite(ChannelFile):
+    def write(self, out):
+        self.channel.send(out)
+
+    def flush(self):
+        pass
+
+
+class ChannelFileRead(ChannelFile):
+    def __init__(self, channel, proxyclose=True):
+        super().__init__(channel, proxyclose)
+        self._buffer = None
+
+    def read(self, n):
+        try:
+            if self._buffer is None:
+                self._buffer = self.channel.receive()
+            while len(self._buffer) < n:
+                self._buffer += self.channel.receive()
+        except EOFError:
+            self.close()
+        if self._buffer is None:
+            ret = ""
+        else:
+            ret = self._buffer[:n]
+            self._buffer = self._buffer[n:]
+        return ret
+
+    def readline(self):
+        if self._buffer is not None:
+            i = self._buffer.find("\n")
+            if i != -1:
+                return self.read(i + 1)
+            line = self.read(len(self._buffer) + 1)
+        else:
+            line = self.read(1)
+        while line and line[-1] != "\n":
+            c = self.read(1)
+            if not c:
+                break
+            line += c
+        return line
+
+
+# ---------------------------------------------------------------------------
+# the engine: framing and the receiver loop over a pair of file descriptors
+
+
+class _Engine:
+    """Frames over (read fd, write fd): send under one lock, and a receiver
+    loop that reads frames and dispatches them to ``gateway._dispatch``."""
+
+    def __init__(self, rfd, wfd):
+        self.rfd = rfd
+        self.wfd = wfd
+        self._lock = threading.Lock()
+        self._closed = False
+        self._reader = os.fdopen(rfd, "rb", 65536, closefd=False)
+
+    def send_frame(self, data):
+        with self._lock:
+            if self._closed:
+                raise OSError("cannot send (already closed?)")
+            view = memoryview(data)
+            while view:
+                n = os.write(self.wfd, view)
+                view = view[n:]
+
+    def send(self, msgcode, channelid, obj=None, raw=False):
+        if raw:
+            data = _frame(msgcode, channelid, obj)
+        elif obj is None and msgcode != Message.CHANNEL_DATA:
+            data = _frame(msgcode, channelid)
+        else:
+            data = _frame_obj(msgcode, channelid, obj)
+        self.send_frame(data)
+
+    def close_write(self):
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                _close_fd(self.wfd)
+
+    def read_frame(self):
+        """Return (msgcode, channelid, payload); raise EOFError at the end."""
+        read = self._reader.read
+        head = read(9)
+        if len(head) != 9:
+            if not head:
+                raise EOFError("connection closed")
+            raise EOFError("connection closed inside a frame header")
+        msgcode, channelid, length = _header.unpack(head)
+        if length < 0:
+            raise LoadError("negative frame length %d" % length)
+        payload = read(length) if length else b""
+        if len(payload) != length:
+            raise EOFError("connection closed inside a frame")
+        return msgcode, channelid, payload
+
+    def run_receiver(self, dispatch):
+        """Read and dispatch frames until EOF or terminate; return the reason
+        the loop ended (an exception instance, or None for terminate)."""
+        while True:
+            try:
+                msgcode, channelid, payload = self.read_frame()
+            except (EOFError, OSError, ValueError) as exc:
+                return exc
+            except DataFormatError as exc:
+                return exc
+            try:
+                if dispatch(msgcode, channelid, payload):
+                    return None
+            except DataFormatError as exc:
+                return exc
+
+
+def _close_fd(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# gateways
+
+sysex = (KeyboardInterrupt, SystemExit)
+
+
+class BaseGateway:
+    """What both ends of a connection share: channels, sending, dispatch."""
+
+    _sysex = sysex
+    id = "<worker>"
+
+    def __init__(self, rfd, wfd, id, execmodel, _startcount=2):
+        self.execmodel = get_execmodel(execmodel)
+        self.id = id
+        self._strconfig = (False, False)
+        self._engine = _Engine(rfd, wfd)
+        self._channelfactory = ChannelFactory(self, _startcount)
+        self._receivelock = threading.RLock()
+        self._receivethread = None
+        self._receive_done = threading.Event()
+        self._receive_reason = None
+
+    def _trace(self, *msg):
+        if os.environ.get("EXECNET_DEBUG"):
+            sys.stderr.write("[%s %s] %s\n" % (os.getpid(), self.id,
+                                              " ".join(map(str, msg))))
+
+    def _geterrortext(self, excinfo):
+        try:
+            lines = traceback.format_exception(*excinfo)
+            return "".join(lines)
+        except Exception as exc:
+            return "%s: %s (formatting the traceback failed)" % (
+                type(excinfo[1]).__name__, exc)
+
+    def _send(self, msgcode, channelid=0, data=None):
+        self._engine.send(msgcode, channelid, data)
+
+    def _initreceive(self):
+        self._receivethread = threading.Thread(
+            target=self._thread_receiver, name="execnet-receiver-%s" % self.id,
+            daemon=True)
+        self._receivethread.start()
+
+    def _thread_receiver(self):
+        reason = None
+        try:
+            reason = self._engine.run_receiver(self._dispatch)
+        finally:
+            self._receive_reason = reason
+            error = None
+            if reason is not None:
+                error = RemoteError("gateway %s: connection lost (%s: %s)"
+                                    % (self.id, type(reason).__name__, reason))
+            self._channelfactory._finished_receiving(error)
+            self._receive_done.set()
+            self._terminate_execution()
+
+    def _dispatch(self, msgcode, channelid, payload):
+        """Handle one frame; return True to stop the receiver."""
+        factory = self._channelfactory
+        if msgcode == Message.CHANNEL_DATA:
+            factory._local_receive(channelid, payload)
+        elif msgcode == Message.CHANNEL_CLOSE:
+            factory._local_close(channelid)
+        elif msgcode == Message.CHANNEL_CLOSE_ERROR:
+            text = _loads_payload(payload)
+            factory._local_close(channelid, RemoteError(text))
+        elif msgcode == Message.CHANNEL_LAST_MESSAGE:
+            factory._local_close(channelid, sendonly=True)
+        elif msgcode == Message.CHANNEL_EXEC:
+            self._local_schedulexec(channelid, payload)
+        elif msgcode == Message.STATUS:
+            self._send(Message.CHANNEL_DATA, channelid, self._status_dict())
+            self._send(Message.CHANNEL_CLOSE, channelid)
+        elif msgcode == Message.RECONFIGURE:
+            data = _loads_payload(payload)
+            if type(data) is not tuple or len(data) != 2:
+                raise LoadError("bad reconfigure payload")
+            if channelid == 0:
+                self._strconfig = data
+            else:
+                channel = factory._channels.get(channelid)
+                if channel is not None:
+                    channel._strconfig = data
+        elif msgcode == Message.GATEWAY_TERMINATE:
+            return True
+        else:
+            raise LoadError("unknown message type %d" % msgcode)
+        return False
+
+    def _status_dict(self):
+        return {
+            "numchannels": len(self._channelfactory._channels),
+            "numexecuting": 0,
+            "execmodel": self.execmodel.backend,
+        }
+
+    def _local_schedulexec(self, channelid, payload):
+        # only workers execute code; a master answers with an error
+        self._send(Message.CHANNEL_CLOSE_ERROR, channelid,
+                   "execution disallowed on this side")
+
+    def _terminate_execution(self):
+        pass
+
+    # -- public API shared by both ends
+    def newchannel(self):
+        """Return a new channel, to be sent to the other side."""
+        return self._channelfactory.new()
+
+    def join(self, timeout=None):
+        """Wait for the receiver thread to end."""
+        current = threading.current_thread()
+        t = self._receivethread
+        if t is not None and t is not current and t.is_alive():
+            t.join(timeout)
+
+
+def _exec_source(gateway, channel, source, filename, call_name, kwargs):
+    if filename:
+        import linecache
+
+        linecache.cache[filename] = (len(source), None,
+                                     source.splitlines(True), filename)
+    co = compile(source + "\n", filename or "<remote exec>", "exec")
+    ns = {"__name__": "__channelexec__", "channel": channel}
+    exec(co, ns)
+    if call_name:
+        func = ns.get(call_name)
+        if func is None:
+            raise NameError("remote function %r not found" % (call_name,))
+        func(channel, **kwargs)
+
+
+class WorkerGateway(BaseGateway):
+    """The remote end: executes CHANNEL_EXEC requests."""
+
+    def __init__(self, rfd, wfd, id, execmodel):
+        super().__init__(rfd, wfd, id, execmodel, _startcount=2)
+        import collections
+
+        self._tasks = collections.deque()
+        self._tasks_cond = threading.Condition()
+        self._executing = 0
+        self._stopping = False
+
+    def _status_dict(self):
+        d = super()._status_dict()
+        d["numexecuting"] = self._executing
+        return d
+
+    def _local_schedulexec(self, channelid, payload):
+        channel = self._channelfactory.new(channelid)
+        try:
+            source, filename, call_name, kwargs = _loads_payload(
+                payload, self._channelfactory.new)
+        except Exception:
+            channel._close(self._geterrortext(sys.exc_info()))
+            return
+        task = (channel, source, filename, call_name, kwargs)
+        if self.execmodel.backend == "main_thread_only":
+            with self._tasks_cond:
+                self._tasks.append(task)
+                self._tasks_cond.notify()
+        else:
+            self.execmodel.start(self._run_task, (task,))
+
+    def _run_task(self, task):
+        channel, source, filename, call_name, kwargs = task
+        self._executing += 1
+        channel._executing = True
+        error = None
+        try:
+            _exec_source(self, channel, source, filename, call_name, kwargs)
+        except KeyboardInterrupt:
+            error = INTERRUPT_TEXT
+        except BaseException:
+            excinfo = sys.exc_info()
+            error = self._geterrortext(excinfo)
+        finally:
+            self._executing -= 1
+            channel._executing = False
+        channel._close(error)
+
+    def _terminate_execution(self):
+        with self._tasks_cond:
+            self._stopping = True
+            self._tasks_cond.notify_all()
+
+    def serve(self):
+        """Run until the master terminates us or goes away, then exit."""
+        model = self.execmodel.backend
+        self._initreceive()
+        if model == "main_thread_only":
+            while True:
+                with self._tasks_cond:
+                    while not self._tasks and not self._stopping:
+                        self._tasks_cond.wait()
+                    if not self._tasks:
+                        break
+                    task = self._tasks.popleft()
+                self._run_task(task)
+        else:
+            self._receive_done.wait()
+        # give running tasks a moment to notice their closed channels
+        import time
+
+        deadline = time.monotonic() + _worker_grace()
+        while self._executing and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._engine.close_write()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
+
+
+def _worker_grace():
+    try:
+        return float(os.environ.get("EXECNET_WORKER_GRACE", "2.0"))
+    except ValueError:
+        return 2.0
+
+
+def serve(rfd, wfd, id="<worker>", execmodel="thread"):
+    """Entry point on the remote side, after the bootstrap handshake."""
+    gw = WorkerGateway(rfd, wfd, id, execmodel)
+    gw.serve()
+
+
+# ---------------------------------------------------------------------------
+# the native core replaces the hot path when it is available
+
+backend = "python"
+
+
+def _use_native():
+    global _dumps_payload, _loads_payload, backend
+    if os.environ.get("EXECNET_NO_EXTENSIONS") or __name__ != "execnet.gateway_base":
+        return
+    try:
+        from . import _execnet
+    except ImportError:
+        return
+    _execnet.configure(DumpError, LoadError, DataFormatError, Channel)
+    _dumps_payload = _execnet.dumps
+    _loads_payload = _execnet.loads
+    backend = "c"
+
+
+_use_native()
