@@ -57,8 +57,8 @@ class RemoteError(Exception):
 
     def warn(self):
         if self.formatted != INTERRUPT_TEXT:
-            sys.stderr.write("[%s] Unhandled error in remote execution:\n%s\n"
-                             % (os.getpid(), self.formatted))
+            sys.stderr.write("[%s] Warning: unhandled %r\n"
+                             % (os.getpid(), self))
 
 
 class TimeoutError(IOError):
@@ -494,15 +494,12 @@ def _frame_obj(msgcode, channelid, obj):
 # ---------------------------------------------------------------------------
 # channel queue: the per-channel FIFO with close state
 
-_NOT_CLOSED = object()
-
 
 class ChannelQueue:
     """FIFO of received items that ends, once, with a close.
 
-    ``get(timeout)`` returns the next item, or raises the close reason:
-    EOFError for a normal close, the stored RemoteError otherwise,
-    TimeoutError when ``timeout`` passes first.
+    ``get(timeout)`` returns the next item; once the queue is closed and
+    empty it raises EOFError; TimeoutError when ``timeout`` passes first.
     """
 
     def __init__(self):
@@ -510,30 +507,28 @@ class ChannelQueue:
 
         self._cond = threading.Condition(threading.Lock())
         self._items = collections.deque()
-        self._end = _NOT_CLOSED  # None: normal close, else the error
+        self._closed = False
 
     def put(self, item):
+        """Append ``item``; return False (dropping it) if closed."""
         with self._cond:
-            if self._end is not _NOT_CLOSED:
+            if self._closed:
                 return False
             self._items.append(item)
             self._cond.notify()
             return True
 
-    def close(self, error=None):
+    def close(self):
+        """Mark the end; return False if it was closed already."""
         with self._cond:
-            if self._end is not _NOT_CLOSED:
+            if self._closed:
                 return False
-            self._end = error
+            self._closed = True
             self._cond.notify_all()
             return True
 
     def is_closed(self):
-        return self._end is not _NOT_CLOSED
-
-    def error(self):
-        end = self._end
-        return None if end is _NOT_CLOSED else end
+        return self._closed
 
     def drain(self):
         """Remove and return every queued item."""
@@ -544,21 +539,18 @@ class ChannelQueue:
 
     def get(self, timeout=None):
         with self._cond:
-            if not self._items and self._end is _NOT_CLOSED:
+            if not self._items and not self._closed:
                 if not self._cond.wait_for(
-                        lambda: self._items or self._end is not _NOT_CLOSED,
-                        timeout):
+                        lambda: self._items or self._closed, timeout):
                     raise TimeoutError("no item after %r seconds" % (timeout,))
             if self._items:
                 return self._items.popleft()
-            if self._end is None:
-                raise EOFError("channel closed")
-            raise self._end
+            raise EOFError()
 
     def wait_closed(self, timeout=None):
+        """Wait until closed; return False on timeout."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: self._end is not _NOT_CLOSED, timeout)
+            return self._cond.wait_for(lambda: self._closed, timeout)
 
     def __len__(self):
         return len(self._items)
@@ -598,11 +590,11 @@ class Channel:
             return
         # nobody can receive on this channel anymore: tell the peer
         try:
+            gw._engine.clear_route(self.id)
             gw._send(Message.CHANNEL_LAST_MESSAGE, self.id)
         except Exception:
             pass
 
-    # -- configuration
     def _getremoteerror(self):
         try:
             return self._remoteerrors.pop(0)
@@ -614,24 +606,24 @@ class Channel:
         item; already queued items are passed first.  At close,
         ``callback(endmarker)`` is called if an endmarker was given."""
         factory = self.gateway._channelfactory
-        with factory._writelock:
+        # the dispatch lock keeps the receiver out while we switch over,
+        # so items reach the callback in order
+        with factory._dispatchlock:
             if self._callback is not None:
                 raise OSError("%r has a callback already" % (self,))
+            self._callback = callback
             for item in self._queue.drain():
                 callback(item)
             if self._queue.is_closed():
                 if endmarker is not NO_ENDMARKER_WANTED:
                     callback(endmarker)
-                self._callback = callback
                 return
-            self._callback = callback
-            factory._callbacks[self.id] = (callback, endmarker, self._strconfig)
+            factory._callbacks[self.id] = (callback, endmarker)
+            if self._strconfig is None:
+                self.gateway._engine.set_route(self.id, callback)
+            else:
+                self.gateway._engine.clear_route(self.id)
 
-    def _check_no_callback(self):
-        if self._callback is not None:
-            raise OSError("calling receive() on channel with receiver callback")
-
-    # -- state
     def isclosed(self):
         """True once the channel is closed (from either side)."""
         return self._closed or self._queue.is_closed()
@@ -664,9 +656,6 @@ class Channel:
                     gw._send(Message.CHANNEL_CLOSE, self.id)
             except (OSError, ValueError):
                 pass
-        if error is not None:
-            if isinstance(error, RemoteError):
-                self._remoteerrors.append(error)
         gw._channelfactory._local_close(self.id, None, local=True)
 
     def waitclose(self, timeout=None):
@@ -687,14 +676,15 @@ class Channel:
     def receive(self, timeout=None):
         """Return the next item; raise EOFError when the channel closed,
         RemoteError when the peer closed it with an error, TimeoutError."""
-        self._check_no_callback()
+        if self._callback is not None:
+            raise OSError("calling receive() on channel with receiver callback")
         try:
             return self._queue.get(timeout)
-        except RemoteError:
+        except EOFError:
             error = self._getremoteerror()
-            if error is None:
-                error = self._queue.error()
-            raise error from None
+            if error is not None:
+                raise error from None
+            raise
 
     def __iter__(self):
         return self
@@ -710,20 +700,23 @@ class Channel:
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
         """Set how this channel's items load on the other side."""
         data = (py2str_as_py3str, py3str_as_py2str)
-        self._strconfig = data
         self.gateway._send(Message.RECONFIGURE, self.id, data)
 
 
-ENDMARKER = object()
-
-
 class ChannelFactory:
-    """The channels of one gateway: id allocation and message dispatch."""
+    """The channels of one gateway: id allocation and message dispatch.
+
+    Plain channels are *routed*: the engine puts their items into the
+    channel queue (or hands them to the callback) itself; frames for other
+    ids come to ``_dispatch``.  The dispatch lock is held by the receiver
+    while it delivers, and by ``setcallback`` while it switches over.
+    """
 
     def __init__(self, gateway, startcount=1):
         self._channels = weakref.WeakValueDictionary()
         self._callbacks = {}
         self._writelock = threading.RLock()
+        self._dispatchlock = threading.RLock()
         self.gateway = gateway
         self.count = startcount
         self.finished = False
@@ -741,65 +734,72 @@ class ChannelFactory:
                 channel = self._channels[id]
             except KeyError:
                 channel = self._channels[id] = Channel(self.gateway, id)
+                self.gateway._engine.set_route(id, channel._queue)
             return channel
 
     def channels(self):
         return self._list(self._channels.values())
 
-    # -- dispatch, called by the receiver
     def _local_close(self, id, remoteerror=None, sendonly=False, local=False):
-        """Close channel ``id`` for receiving (``sendonly``: the peer only
-        stopped receiving; we drop nothing we still have)."""
+        """Close channel ``id`` for receiving.  ``sendonly``: the peer's end
+        is gone, our sends are dropped there but still allowed."""
+        self.gateway._engine.clear_route(id)
         with self._writelock:
             channel = self._channels.get(id)
             cb = self._callbacks.pop(id, None)
-            if channel is None:
-                if cb is not None and not local:
-                    self._call_endmarker(cb)
-                return
-            if remoteerror is not None:
-                channel._remoteerrors.append(remoteerror)
-            if not sendonly:
-                channel._closed = True
-            channel._queue.close(remoteerror)
-            del self._channels[id]
+            if channel is not None:
+                if remoteerror is not None:
+                    channel._remoteerrors.append(remoteerror)
+                if not sendonly:
+                    channel._closed = True
+                channel._queue.close()
+                del self._channels[id]
         if cb is not None and not local:
-            self._call_endmarker(cb)
-
-    def _call_endmarker(self, cb):
-        callback, endmarker, _ = cb
-        if endmarker is not NO_ENDMARKER_WANTED:
-            callback(endmarker)
+            callback, endmarker = cb
+            if endmarker is not NO_ENDMARKER_WANTED:
+                callback(endmarker)
+        elif remoteerror is not None and channel is None and not local:
+            remoteerror.warn()
 
     def _local_receive(self, id, data):
-        """Queue or hand to the callback one CHANNEL_DATA payload."""
+        """Deliver one CHANNEL_DATA payload for an id that is not routed."""
+        channel = self._channels.get(id)
         cb = self._callbacks.get(id)
+        if channel is None and cb is None:
+            return  # nobody can receive on it anymore
+        cfg = (channel is not None and channel._strconfig) or self.gateway._strconfig
+        item = _loads_payload(data, self.new, cfg[0])
         if cb is None:
-            channel = self._channels.get(id)
-            if channel is None:
-                return  # nobody can receive on it anymore
-            cfg = channel._strconfig or self.gateway._strconfig
-            channel._queue.put(_loads_payload(data, self.new, cfg[0]))
-            return
-        callback, endmarker, strconfig = cb
-        cfg = strconfig or self.gateway._strconfig
+            channel._queue.put(item)
+        else:
+            self._callback_call(cb[0], id, item)
+
+    def _callback_call(self, callback, id, item):
         try:
-            callback(_loads_payload(data, self.new, cfg[0]))
-        except Exception:
-            excinfo = sys.exc_info()
-            self.gateway._trace("exception during callback: %s" % (excinfo[1],))
-            errortext = self.gateway._geterrortext(excinfo)
+            callback(item)
+        except Exception as exc:
+            self._callback_error(id, exc)
+
+    def _callback_error(self, id, exc):
+        """A callback raised: close its channel with the error, both sides."""
+        excinfo = (type(exc), exc, exc.__traceback__)
+        self.gateway._trace("exception during callback: %s" % (exc,))
+        errortext = self.gateway._geterrortext(excinfo)
+        try:
             self.gateway._send(Message.CHANNEL_CLOSE_ERROR, id, errortext)
-            self._local_close(id, RemoteError(errortext))
+        except (OSError, ValueError):
+            pass
+        self._local_close(id, RemoteError(errortext))
 
     def _finished_receiving(self, reason=None):
         """The connection ended: close every channel, with ``reason``."""
         with self._writelock:
             self.finished = True
-        for id in self._list(self._channels):
-            self._local_close(id, reason, sendonly=False)
-        for id in self._list(self._callbacks):
-            self._local_close(id, reason, sendonly=False)
+        with self._dispatchlock:
+            for id in self._list(self._channels):
+                self._local_close(id, reason)
+            for id in self._list(self._callbacks):
+                self._local_close(id, reason)
 
 
 class ChannelFile:
@@ -868,71 +868,86 @@ class ChannelFileRead(ChannelFile):
 
 
 class _Engine:
-    """Frames over (read fd, write fd): send under one lock, and a receiver
-    loop that reads frames and dispatches them to ``gateway._dispatch``."""
+    """Frames over a (read fd, write fd) pair.
+
+    ``send`` serializes and writes one frame under the send lock.  The
+    receiver loop reads frames; CHANNEL_DATA for a routed channel id goes
+    straight to its ChannelQueue (or callback), every other frame to
+    ``dispatch(msgcode, channelid, payload)``.  The native core provides the
+    same class.
+    """
 
     def __init__(self, rfd, wfd):
         self.rfd = rfd
         self.wfd = wfd
         self._lock = threading.Lock()
         self._closed = False
-        self._reader = os.fdopen(rfd, "rb", 65536, closefd=False)
+        self._routes = {}
+        self.py2str_as_py3str = False
 
-    def send_frame(self, data):
+    def send(self, msgcode, channelid, obj=None):
+        if obj is None and msgcode != Message.CHANNEL_DATA:
+            data = _frame(msgcode, channelid)
+        else:
+            data = _frame_obj(msgcode, channelid, obj)
         with self._lock:
             if self._closed:
                 raise OSError("cannot send (already closed?)")
             view = memoryview(data)
             while view:
-                n = os.write(self.wfd, view)
-                view = view[n:]
-
-    def send(self, msgcode, channelid, obj=None, raw=False):
-        if raw:
-            data = _frame(msgcode, channelid, obj)
-        elif obj is None and msgcode != Message.CHANNEL_DATA:
-            data = _frame(msgcode, channelid)
-        else:
-            data = _frame_obj(msgcode, channelid, obj)
-        self.send_frame(data)
+                view = view[os.write(self.wfd, view):]
 
     def close_write(self):
+        """Close the write side; later sends raise OSError."""
         with self._lock:
             if not self._closed:
                 self._closed = True
                 _close_fd(self.wfd)
 
-    def read_frame(self):
-        """Return (msgcode, channelid, payload); raise EOFError at the end."""
-        read = self._reader.read
-        head = read(9)
-        if len(head) != 9:
-            if not head:
-                raise EOFError("connection closed")
-            raise EOFError("connection closed inside a frame header")
-        msgcode, channelid, length = _header.unpack(head)
-        if length < 0:
-            raise LoadError("negative frame length %d" % length)
-        payload = read(length) if length else b""
-        if len(payload) != length:
-            raise EOFError("connection closed inside a frame")
-        return msgcode, channelid, payload
+    def set_route(self, channelid, target):
+        """Deliver DATA for ``channelid`` to ``target``: a ChannelQueue or
+        a callable."""
+        self._routes[channelid] = target
 
-    def run_receiver(self, dispatch):
-        """Read and dispatch frames until EOF or terminate; return the reason
-        the loop ended (an exception instance, or None for terminate)."""
+    def clear_route(self, channelid):
+        self._routes.pop(channelid, None)
+
+    def run_receiver(self, dispatch, channel_factory, callback_error, lock):
+        """Read and dispatch frames until EOF, an error, or dispatch()
+        returns True; return the reason: an exception instance, or None
+        after a GATEWAY_TERMINATE.  ``lock`` is held while delivering."""
+        read = os.fdopen(self.rfd, "rb", 65536, closefd=False).read
+        routes = self._routes
         while True:
-            try:
-                msgcode, channelid, payload = self.read_frame()
-            except (EOFError, OSError, ValueError) as exc:
-                return exc
-            except DataFormatError as exc:
-                return exc
-            try:
-                if dispatch(msgcode, channelid, payload):
-                    return None
-            except DataFormatError as exc:
-                return exc
+            head = read(9)
+            if len(head) != 9:
+                return EOFError("connection closed" if not head else
+                                "connection closed inside a frame header")
+            msgcode, channelid, length = _header.unpack(head)
+            if length < 0:
+                return LoadError("negative frame length %d" % length)
+            payload = read(length) if length else b""
+            if len(payload) != length:
+                return EOFError("connection closed inside a frame")
+            with lock:
+                try:
+                    target = routes.get(channelid) \
+                        if msgcode == Message.CHANNEL_DATA else None
+                    if target is None:
+                        if dispatch(msgcode, channelid, payload):
+                            return None
+                        continue
+                    item = _loads_payload(payload, channel_factory,
+                                          self.py2str_as_py3str)
+                    if type(target) is ChannelQueue:
+                        target.put(item)
+                    else:
+                        try:
+                            target(item)
+                        except Exception as exc:
+                            callback_error(channelid, exc)
+                except DataFormatError as exc:
+                    return exc
 
 
 def _close_fd(fd):
@@ -990,7 +1005,10 @@ class BaseGateway:
     def _thread_receiver(self):
         reason = None
         try:
-            reason = self._engine.run_receiver(self._dispatch)
+            factory = self._channelfactory
+            reason = self._engine.run_receiver(
+                self._dispatch, factory.new, factory._callback_error,
+                factory._dispatchlock)
         finally:
             self._receive_reason = reason
             error = None
@@ -1024,10 +1042,13 @@ class BaseGateway:
                 raise LoadError("bad reconfigure payload")
             if channelid == 0:
                 self._strconfig = data
+                self._engine.py2str_as_py3str = data[0]
             else:
                 channel = factory._channels.get(channelid)
                 if channel is not None:
+                    # per-channel settings: its items take the slow path
                     channel._strconfig = data
+                    self._engine.clear_route(channelid)
         elif msgcode == Message.GATEWAY_TERMINATE:
             return True
         else:
