@@ -82,8 +82,10 @@ _execnet_boot(r, %(rfd)d, %(wfd)d)
 '''
 
 
-def stage2(spec, rfd, wfd, execmodel, pkgdir=PKGDIR):
+def stage2(spec, rfd, wfd, execmodel, pkgdir=None):
     """Stage two's source for ``spec`` on the remote fds ``rfd``/``wfd``."""
+    if pkgdir is None:
+        pkgdir = PKGDIR
     nice = int(spec.nice) if spec.nice else 0
     return _STAGE2 % dict(
         env=dict(spec.env), dont_write_bytecode=bool(spec.dont_write_bytecode),

@@ -1,0 +1,286 @@
+"""Gateways over popen: remote_exec forms, info, spec keys, bootstrap."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import execnet
+from execnet import gateway_base
+
+from conftest import run_python
+
+
+def test_remote_exec_string_dedented(gw):
+    ch = gw.remote_exec("""
+        import sys
+        channel.send((__name__, sys.argv))
+    """)
+    assert ch.receive(10) == ("__channelexec__", ["-c"])
+
+
+def test_no_empty_string_on_remote_sys_path(gw):
+    ch = gw.remote_exec("import sys; channel.send(sys.path)")
+    assert "" not in ch.receive(10)
+
+
+def remote_function(channel, a, b=2):
+    channel.send(a + b)
+
+
+def remote_function_raising(channel):
+    raise ValueError("from function")
+
+
+def no_channel_arg(x):
+    pass
+
+
+Y = 5
+
+
+def uses_global(channel):
+    channel.send(Y)
+
+
+def test_remote_exec_function_with_kwargs(gw):
+    assert gw.remote_exec(remote_function, a=40).receive(10) == 42
+    assert gw.remote_exec(remote_function, a=1, b=1).receive(10) == 2
+
+
+def test_remote_exec_function_traceback_has_source_line(gw):
+    ch = gw.remote_exec(remote_function_raising)
+    with pytest.raises(execnet.RemoteError) as excinfo:
+        ch.receive(10)
+    assert 'raise ValueError("from function")' in excinfo.value.formatted
+
+
+def test_remote_exec_function_checks(gw):
+    with pytest.raises(ValueError, match="channel"):
+        gw.remote_exec(no_channel_arg)
+    with pytest.raises(ValueError, match="lambda"):
+        gw.remote_exec(lambda channel: None)
+    z = 1
+
+    def closure(channel):
+        return z
+
+    with pytest.raises(ValueError, match="closure"):
+        gw.remote_exec(closure)
+    with pytest.raises(ValueError, match="globals"):
+        gw.remote_exec(uses_global)
+    with pytest.raises(TypeError, match="kwargs"):
+        gw.remote_exec("pass", a=1)
+    with pytest.raises(execnet.DumpError):
+        gw.remote_exec(remote_function, a=object())
+
+
+def test_remote_exec_module(gw, tmp_path):
+    modfile = tmp_path / "remote_mod_for_test.py"
+    modfile.write_text(textwrap.dedent("""
+        def helper():
+            return 6 * 7
+
+        if __name__ == "__channelexec__":
+            channel.send(helper())
+            x = channel.receive()
+            raise RuntimeError("module failed with %s" % x)
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import remote_mod_for_test as mod
+    finally:
+        sys.path.remove(str(tmp_path))
+    ch = gw.remote_exec(mod)
+    assert ch.receive(10) == 42
+    ch.send("input")
+    with pytest.raises(execnet.RemoteError) as excinfo:
+        ch.receive(10)
+    tb = excinfo.value.formatted
+    # the source line appears in the remote traceback
+    assert 'raise RuntimeError("module failed with %s" % x)' in tb
+    assert str(modfile) in tb
+
+
+def test_rinfo(gw):
+    info = gw._rinfo()
+    assert info.executable == sys.executable
+    assert info.version_info == tuple(sys.version_info)
+    assert info.platform == sys.platform
+    assert info.cwd == os.getcwd()
+    assert isinstance(info.pid, int) and info.pid != os.getpid()
+    assert gw._rinfo() is info
+    assert gw._rinfo(update=True) is not info
+    assert repr(info).startswith('<RInfo "cwd=')
+
+
+def test_remote_status(gw):
+    status = gw.remote_status()
+    assert status.numexecuting == 0
+    assert status.execmodel == "thread"
+    ch = gw.remote_exec("channel.receive()")
+    ch.send  # noqa: B018
+    import time
+
+    deadline = time.monotonic() + 10
+    while gw.remote_status().numexecuting != 1:  # the exec starts asynchronously
+        assert time.monotonic() < deadline
+    ch.send(None)
+    ch.waitclose(10)
+
+
+def test_gateway_attributes_and_repr(makegateway):
+    gw = makegateway("popen//id=special")
+    assert gw.id == "special"
+    assert isinstance(gw.spec, execnet.XSpec)
+    assert gw.spec.popen
+    assert repr(gw).startswith("<Gateway id='special' receive-live, thread model")
+    assert gw.remoteaddress == "localhost"
+
+
+def test_worker_gateway_id(gw):
+    assert gw.remote_exec("channel.send(channel.gateway.id)").receive(10) == gw.id + "-worker"
+
+
+def test_reconfigure(gw):
+    gw.reconfigure(py2str_as_py3str=False, py3str_as_py2str=False)
+    ch = gw.remote_exec("channel.send('x')")
+    assert ch.receive(10) == "x"
+
+
+def test_chdir_env_nice(makegateway, tmp_path):
+    gw = makegateway("popen//chdir=%s//env:EXECNET_T=v1//nice=3" % tmp_path)
+    ch = gw.remote_exec("""
+        import os
+        channel.send((os.getcwd(), os.environ.get("EXECNET_T"), os.nice(0)))
+    """)
+    cwd, env, nice = ch.receive(10)
+    assert cwd == str(tmp_path)
+    assert env == "v1"
+    assert nice >= 3
+
+
+def test_dont_write_bytecode(makegateway, tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    gw = makegateway("popen//dont_write_bytecode")
+    assert gw.remote_exec("import sys; channel.send(sys.dont_write_bytecode)").receive(10)
+    gw2 = makegateway("popen")
+    assert not gw2.remote_exec(
+        "import sys; channel.send(sys.dont_write_bytecode)").receive(10)
+
+
+def test_remote_print_reaches_our_stdout(tmp_path):
+    res = run_python(textwrap.dedent("""
+        import execnet
+        gw = execnet.makegateway()
+        ch = gw.remote_exec("print('hello from remote'); channel.send(1)")
+        assert ch.receive(10) == 1
+        ch.waitclose(10)
+        gw.exit()
+        gw.join(10)
+        print("master done")
+    """))
+    assert res.returncode == 0, res.stderr
+    assert "hello from remote" in res.stdout
+    assert "master done" in res.stdout
+
+
+def test_remote_junk_on_stdout_at_start(makegateway, tmp_path):
+    # an interpreter wrapper that prints before Python starts
+    wrapper = tmp_path / "noisy-python"
+    wrapper.write_text("#!/bin/sh\necho 'junk at start'\nexec %s \"$@\"\n" % sys.executable)
+    wrapper.chmod(0o755)
+    gw = makegateway("popen//python=%s" % wrapper)
+    assert gw.remote_exec("channel.send(7)").receive(10) == 7
+
+
+def test_remote_crash_at_start(makegateway, tmp_path):
+    wrapper = tmp_path / "crashing-python"
+    wrapper.write_text("#!/bin/sh\necho 'dying' >&2\nexit 3\n")
+    wrapper.chmod(0o755)
+    with pytest.raises(execnet.HostNotFound, match="exit status 3"):
+        makegateway("popen//python=%s" % wrapper)
+
+
+def test_remote_never_answers(makegateway, tmp_path, monkeypatch):
+    wrapper = tmp_path / "silent-python"
+    wrapper.write_text("#!/bin/sh\nexec sleep 60\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("EXECNET_BOOTSTRAP_TIMEOUT", "0.5")
+    with pytest.raises(execnet.HostNotFound, match="no answer"):
+        makegateway("popen//python=%s" % wrapper)
+
+
+def test_missing_interpreter(makegateway):
+    with pytest.raises(execnet.HostNotFound, match="cannot start"):
+        makegateway("popen//python=/nonexistent/python")
+
+
+def test_zero_install_bootstrap_sends_source(makegateway, tmp_path):
+    # a remote that cannot import our package gets gateway_base as source
+    fake = tmp_path / "execnet"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('not this one')\n")
+    from execnet import gateway_bootstrap
+
+    old = gateway_bootstrap.PKGDIR
+    gateway_bootstrap.PKGDIR = str(tmp_path)
+    try:
+        gw = makegateway("popen")
+    finally:
+        gateway_bootstrap.PKGDIR = old
+    ch = gw.remote_exec("""
+        import sys
+        channel.send(sorted(name for name in sys.modules if "execnet" in name))
+    """)
+    assert ch.receive(10) == ["execnet_gateway_base"]
+    ch = gw.remote_exec("channel.send(channel.receive() * 2)")
+    ch.send([1])
+    assert ch.receive(10) == [1, 1]
+
+
+def test_same_interpreter_runs_our_engine(gw):
+    ch = gw.remote_exec("""
+        import sys
+        gb = sys.modules.get("execnet.gateway_base")
+        channel.send(gb.backend if gb else None)
+    """)
+    assert ch.receive(10) == gateway_base.backend
+
+
+def test_cross_interpreter_bootstrap(makegateway, otherpython):
+    gw = makegateway("popen//python=%s" % otherpython)
+    info = gw._rinfo()
+    assert info.version_info[:2] != sys.version_info[:2] or info.executable != sys.executable
+    ch = gw.remote_exec("""
+        import sys
+        for x in channel:
+            channel.send((x, sys.version_info[:2]))
+    """)
+    for obj in [1, 2 ** 70, "text", b"raw", (1.5, None), {"k": [True]}, {1, 2}]:
+        ch.send(obj)
+        got, ver = ch.receive(10)
+        assert got == obj
+    ch.close()
+
+
+def test_python_dash_m_execnet():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    res = subprocess.run(
+        [sys.executable, "-m", "execnet", "--tx", "popen", "--tx", "popen//id=second",
+         "import os; channel.send(6 * 7)"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines == ["gw0: 42", "second: 42"]
+
+
+def test_python_dash_m_execnet_remote_error():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-m", "execnet", "1/0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 1
+    assert "ZeroDivisionError" in res.stderr
