@@ -17,7 +17,21 @@ import threading
 
 import pytest
 
-_execnet = pytest.importorskip("execnet._execnet")
+_shared = pytest.importorskip("execnet._execnet")
+
+
+def _fresh_module():
+    """A new instance of the extension module, with its own module state
+    (multi-phase init makes each instance independent)."""
+    spec = importlib.util.find_spec("execnet._execnet")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tests configure a private instance, so the classes execnet.gateway_base
+# gave the shared instance stay in place for the rest of the test run.
+_execnet = _fresh_module()
 
 pytestmark = pytest.mark.c_extension
 
@@ -47,8 +61,7 @@ class Channel:
 
 @pytest.fixture(autouse=True)
 def configured():
-    """The real gateway_base may configure the module too; reset it to our
-    classes before every test."""
+    """(Re)configure our instance with the local classes before each test."""
     _execnet.configure(DumpError, LoadError, DataFormatError, Channel)
     yield _execnet
 
@@ -749,16 +762,9 @@ def test_error_chain_context_free():
 # ---------------------------------------------------------------------------
 # Module state
 
-def _fresh_module():
-    spec = importlib.util.find_spec("execnet._execnet")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_unconfigured_module_raises_runtime_error():
     fresh = _fresh_module()
-    assert fresh is not _execnet
+    assert fresh is not _execnet and fresh is not _shared
     with pytest.raises(RuntimeError, match="configure"):
         fresh.dumps(1)
     with pytest.raises(RuntimeError, match="configure"):
@@ -773,7 +779,7 @@ def test_unconfigured_module_raises_runtime_error():
     fresh.configure(OtherDumpError, LoadError, DataFormatError, Channel)
     with pytest.raises(OtherDumpError):
         fresh.dumps(object())
-    # The shared module keeps its own configuration.
+    # Other instances keep their own configuration.
     with pytest.raises(DumpError):
         _execnet.dumps(object())
 
