@@ -1,0 +1,168 @@
+"""Termination: hung remotes, master death, interpreter exit, Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import execnet
+
+from conftest import OTHER_PYTHONS, is_zombie, pid_alive, run_python
+
+
+def wait_gone(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_terminate_with_hung_remotes_is_bounded():
+    group = execnet.Group()
+    pids = []
+    for _ in range(3):
+        gw = group.makegateway("popen")
+        pids.append(gw._rinfo().pid)
+        gw.remote_exec("while True: pass")  # CPU-bound, never ends
+    gw = group.makegateway("popen")
+    pids.append(gw._rinfo().pid)
+    gw.remote_exec("import time; time.sleep(1000)")
+    start = time.monotonic()
+    group.terminate(timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 3.0, elapsed
+    assert len(group) == 0
+    for pid in pids:
+        assert not pid_alive(pid)
+        assert not is_zombie(pid)  # reaped
+
+
+def test_terminate_idle_gateways_is_quick(group):
+    pids = [group.makegateway()._rinfo().pid for _ in range(4)]
+    start = time.monotonic()
+    group.terminate(timeout=10)
+    assert time.monotonic() - start < 5
+    assert all(not pid_alive(p) and not is_zombie(p) for p in pids)
+
+
+def test_exit_then_join_reaps(group):
+    gw = group.makegateway()
+    pid = gw._rinfo().pid
+    gw.exit()
+    assert gw not in group
+    gw.join(10)
+    assert not gw.hasreceiver()
+    assert wait_gone(pid, 10)
+    with pytest.raises(OSError):
+        gw.remote_exec("pass")
+
+
+def test_channels_fail_when_remote_dies(gw):
+    ch = gw.remote_exec("""
+        import os
+        channel.send(os.getpid())
+        channel.send("last words")
+        channel.receive()
+    """)
+    pid = ch.receive(10)
+    assert ch.receive(10) == "last words"
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(execnet.RemoteError, match="connection lost"):
+        ch.receive(10)
+    with pytest.raises(OSError):
+        ch.send(1)
+
+
+def test_data_sent_before_death_is_received(gw):
+    ch = gw.remote_exec("""
+        import os
+        for i in range(1000):
+            channel.send(i)
+        os._exit(1)
+    """)
+    assert [ch.receive(10) for _ in range(1000)] == list(range(1000))
+    with pytest.raises(execnet.RemoteError):
+        ch.receive(10)
+
+
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_worker_exits_when_master_dies(how):
+    code = textwrap.dedent("""
+        import os, sys, signal, execnet
+        gw = execnet.makegateway()
+        ch = gw.remote_exec("import os; channel.send(os.getpid()); channel.receive()")
+        print(ch.receive(10), flush=True)
+        gw2 = execnet.makegateway()
+        gw2.remote_exec("while True: pass")  # busy and never reading
+        print(gw2._rinfo().pid, flush=True)
+        if %r == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(0)
+    """ % how)
+    res = run_python(code)
+    pids = [int(x) for x in res.stdout.split()]
+    assert len(pids) == 2, res.stderr
+    for pid in pids:
+        assert wait_gone(pid, 15), "worker %d survived its master" % pid
+
+
+SHUTDOWN_SCRIPT = """
+import execnet, sys
+gws = [execnet.makegateway() for _ in range(2)]
+chs = [gw.remote_exec("channel.receive()") for gw in gws]
+idle = execnet.Group().makegateway()
+print(" ".join(str(gw._rinfo().pid) for gw in gws + [idle]), flush=True)
+# exit with live gateways and channels, no terminate()
+"""
+
+
+def _check_clean_exit(python):
+    start = time.monotonic()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
+    res = subprocess.run([python, "-c", SHUTDOWN_SCRIPT], capture_output=True,
+                         text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - start < 20
+    assert "can't create new thread" not in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    for pid in map(int, res.stdout.split()):
+        assert wait_gone(pid, 10)
+
+
+def test_interpreter_exit_with_live_gateways():
+    _check_clean_exit(sys.executable)
+
+
+@pytest.mark.parametrize("version", [v for v in sorted(OTHER_PYTHONS)
+                                     if v.split(".")[:2] >= ["3", "12"]])
+def test_interpreter_exit_newer_pythons(version):
+    _check_clean_exit(OTHER_PYTHONS[version])
+
+
+def test_ctrl_c_interrupts_receive():
+    code = textwrap.dedent("""
+        import execnet, sys
+        gw = execnet.makegateway()
+        ch = gw.remote_exec("channel.receive()")
+        print("ready", flush=True)
+        try:
+            ch.receive()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=root))
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.1)  # let it block inside receive(); nothing to wait on
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert "interrupted" in out, err
+    assert proc.returncode == 0, err
