@@ -16,7 +16,6 @@ import os
 import struct
 import sys
 import threading
-import traceback
 import weakref
 
 PROTOCOL_TAG = "execnet-native-1"
@@ -989,6 +988,8 @@ class BaseGateway:
                                               " ".join(map(str, msg))))
 
     def _geterrortext(self, excinfo):
+        import traceback  # not imported before the handshake: it costs ~4 ms
+
         try:
             lines = traceback.format_exception(*excinfo)
             return "".join(lines)
