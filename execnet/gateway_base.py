@@ -615,7 +615,9 @@ class Channel:
                 raise OSError("%r has a callback already" % (self,))
             self._callback = callback
             for item in self._queue.drain():
-                callback(item)
+                # a failing callback closes the channel, as in the receiver
+                if not factory._callback_call(callback, self.id, item):
+                    return
             if self._queue.is_closed():
                 if endmarker is not NO_ENDMARKER_WANTED:
                     callback(endmarker)
@@ -777,10 +779,14 @@ class ChannelFactory:
             self._callback_call(cb[0], id, item)
 
     def _callback_call(self, callback, id, item):
+        """Call ``callback(item)``; on an exception close the channel with
+        it and return False."""
         try:
             callback(item)
+            return True
         except Exception as exc:
             self._callback_error(id, exc)
+            return False
 
     def _callback_error(self, id, exc):
         """A callback raised: close its channel with the error, both sides."""

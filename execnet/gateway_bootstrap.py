@@ -122,7 +122,10 @@ def handshake(io, spec, execmodel, remote_rfd, remote_wfd, timeout=None):
         timeout = bootstrap_timeout()
     deadline = time.monotonic() + timeout
     src = stage2(spec, remote_rfd, remote_wfd, execmodel)
-    io.write_all(_length_prefixed(src.encode("utf-8")))
+    try:
+        io.write_all(_length_prefixed(src.encode("utf-8")))
+    except OSError:
+        pass  # the remote died; its answer (EOF) tells below
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -136,7 +139,10 @@ def handshake(io, spec, execmodel, remote_rfd, remote_wfd, timeout=None):
         if byte == b"1":
             return
         if byte == b"S":
-            io.write_all(_length_prefixed(gateway_base_source()))
+            try:
+                io.write_all(_length_prefixed(gateway_base_source()))
+            except OSError:
+                pass
             continue
         detail = io.describe_failure()
         if not byte:
