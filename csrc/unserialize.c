@@ -23,6 +23,9 @@
 
 #define LOADER_STACK_INLINE 64
 
+/* read_count() limit: the bytes left after the length field. */
+#define REST_OF_INPUT (-1)
+
 typedef struct {
     PyObject *obj;       /* owned reference */
     int depth;           /* container nesting of obj; 0 for scalars */
@@ -166,7 +169,8 @@ too_deep(loader_t *L, unsigned char op, Py_ssize_t off)
 /* ------------------------------------------------------------------ */
 
 /* Read a 4-byte length or count for opcode `op` at `off`: 0 <= n, and
-   n <= `limit`.  0 and *out set, or -1 with LoadError. */
+   n <= `limit`, where a negative limit means "the input left after the
+   4 bytes".  0 and *out set, or -1 with LoadError. */
 static int
 read_count(loader_t *L, unsigned char op, Py_ssize_t off, Py_ssize_t limit,
            const char *what, Py_ssize_t *out)
@@ -179,6 +183,9 @@ read_count(loader_t *L, unsigned char op, Py_ssize_t off, Py_ssize_t limit,
     }
     v = exn_get_be32s(L->p);
     L->p += 4;
+    if (limit < 0) {
+        limit = L->end - L->p;
+    }
     if (v < 0 || (Py_ssize_t)v > limit) {
         describe_op(op, opname, sizeof(opname));
         if (v < 0) {
@@ -464,7 +471,7 @@ run(loader_t *L)
             break;
         case 'H':
         case 'I':
-            if (read_count(L, op, off, L->end - L->p, "length", &n) < 0) {
+            if (read_count(L, op, off, REST_OF_INPUT, "length", &n) < 0) {
                 return NULL;
             }
             if (push(L, parse_longint(L, op, off, (const char *)L->p, n),
@@ -500,7 +507,7 @@ run(loader_t *L)
         case 'N':
         case 'S': {
             PyObject *obj;
-            if (read_count(L, op, off, L->end - L->p, "length", &n) < 0) {
+            if (read_count(L, op, off, REST_OF_INPUT, "length", &n) < 0) {
                 return NULL;
             }
             if (op == 'A' || (op == 'M' && !L->py2str_as_py3str)) {

@@ -568,6 +568,17 @@ def test_huge_length_prefix(op):
     assert_load_error(op + b"\x7f\xff\xff\xff")
 
 
+@pytest.mark.parametrize("op", [b"A", b"N", b"M", b"S", b"H"])
+def test_length_boundaries(op):
+    body = b"123"
+    assert loads(op + i32(3) + body + b"Q") in (b"123", "123", 123)
+    assert_load_error(op + i32(4) + body + b"Q", match="truncated|digits")
+    assert_load_error(op + i32(5) + body + b"Q", match="exceeds")
+    # A length that would reach past the view into the underlying buffer.
+    view = memoryview(op + i32(4) + body + b"Q" + b"QQQQ")[:9]
+    assert_load_error(view)
+
+
 @pytest.mark.parametrize("op", [b"A", b"N", b"H", b"K", b"M", b"S", b"@",
                                 b"O", b"E"])
 def test_negative_length(op):
