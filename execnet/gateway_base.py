@@ -213,6 +213,7 @@ _double = struct.Struct("!d")
 _complex = struct.Struct("!dd")
 _header = struct.Struct("!bii")
 MAX_NESTING = 1000
+MAX_STREAM_LIST = 1 << 26  # load() from a file cannot check against the input size
 
 
 def _dumps_payload(obj):
@@ -339,6 +340,10 @@ class _Unserializer:
         r = self.r
         stack = self.stack
         push = stack.append
+        # nesting depth of the containers built so far, by id(); bounded like
+        # the native decoder so that deallocating the result cannot overflow
+        # the C stack
+        depth = {}
         while True:
             op = bytes(r.read(1))
             if op == b"F" or op == b"G":
@@ -358,6 +363,12 @@ class _Unserializer:
                 key = stack.pop()
                 container = stack[-1]
                 tp = type(container)
+                d = depth.get(id(value), 0) + 1
+                if d > depth.get(id(container), 1):
+                    if d > MAX_NESTING:
+                        raise LoadError("data nested deeper than %d levels"
+                                        % MAX_NESTING)
+                    depth[id(container)] = d
                 if tp is dict:
                     try:
                         container[key] = value
@@ -378,24 +389,33 @@ class _Unserializer:
             elif op == b"K":
                 n = _int4.unpack(r.read(4))[0]
                 rem = r.remaining()
-                if n < 0 or (rem is not None and n > rem // 7):
+                if n < 0 or n > (MAX_STREAM_LIST if rem is None else rem // 7):
                     raise LoadError("bad list length %d" % n)
-                push([None] * n)
+                lst = [None] * n
+                depth[id(lst)] = 1
+                push(lst)
             elif op == b"J":
-                push({})
+                dct = {}
+                depth[id(dct)] = 1
+                push(dct)
             elif op == b"@" or op == b"O" or op == b"E":
                 n = _int4.unpack(r.read(4))[0]
                 if n < 0 or n > len(stack):
                     raise LoadError("bad item count %d" % n)
                 items = stack[len(stack) - n:]
                 del stack[len(stack) - n:]
+                d = 1 + max([depth.get(id(x), 0) for x in items], default=0)
+                if d > MAX_NESTING:
+                    raise LoadError("data nested deeper than %d levels" % MAX_NESTING)
                 if op == b"@":
-                    push(tuple(items))
+                    obj = tuple(items)
                 else:
                     try:
-                        push(set(items) if op == b"O" else frozenset(items))
+                        obj = set(items) if op == b"O" else frozenset(items)
                     except TypeError as exc:
                         raise LoadError("unhashable set item: %s" % (exc,)) from None
+                depth[id(obj)] = d
+                push(obj)
             elif op == b"H" or op == b"I":
                 n = _read_count(r)
                 digits = bytes(r.read(n))
@@ -590,10 +610,12 @@ class Channel:
         gw = getattr(self, "gateway", None)
         if gw is None or self._closed or self._queue.is_closed():
             return
-        # nobody can receive on this channel anymore: tell the peer
+        # nobody can receive on this channel anymore: tell the peer with
+        # the gateway's next send.  A finalizer may run inside a send (GC
+        # during an allocation) where the send lock is held: never send here.
         try:
             gw._engine.clear_route(self.id)
-            gw._send(Message.CHANNEL_LAST_MESSAGE, self.id)
+            gw._pending_last_messages.append(self.id)
         except Exception:
             pass
 
@@ -629,8 +651,8 @@ class Channel:
                 self.gateway._engine.clear_route(self.id)
 
     def isclosed(self):
-        """True once the channel is closed (from either side)."""
-        return self._closed or self._queue.is_closed()
+        """True once the channel is closed (by us, or by the peer's close)."""
+        return self._closed
 
     def makefile(self, mode="w", proxyclose=False):
         """A file-like object writing to (mode 'w') or reading from ('r') the channel."""
@@ -652,7 +674,9 @@ class Channel:
             return
         self._closed = True
         gw = self.gateway
-        if not self._queue.is_closed():
+        peer_open = not self._queue.is_closed()
+        gw._channelfactory._local_close(self.id, None, local=True)
+        if peer_open:
             try:
                 if error is not None:
                     gw._send(Message.CHANNEL_CLOSE_ERROR, self.id, str(error))
@@ -660,7 +684,6 @@ class Channel:
                     gw._send(Message.CHANNEL_CLOSE, self.id)
             except (OSError, ValueError):
                 pass
-        gw._channelfactory._local_close(self.id, None, local=True)
 
     def waitclose(self, timeout=None):
         """Wait until the channel is closed; raise a RemoteError the peer
@@ -673,7 +696,7 @@ class Channel:
 
     def send(self, item):
         """Send ``item`` to the other side (must be serializable)."""
-        if self.isclosed():
+        if self._closed:
             raise OSError("cannot send to %r" % (self,))
         self.gateway._send(Message.CHANNEL_DATA, self.id, item)
 
@@ -954,6 +977,7 @@ class _Engine:
                             target(item)
                         except Exception as exc:
                             callback_error(channelid, exc)
+                    item = target = None
                 except DataFormatError as exc:
                     return exc
 
@@ -981,6 +1005,7 @@ class BaseGateway:
         self.execmodel = get_execmodel(execmodel)
         self.id = id
         self._strconfig = (False, False)
+        self._pending_last_messages = []
         self._engine = _Engine(rfd, wfd)
         self._channelfactory = ChannelFactory(self, _startcount)
         self._receivelock = threading.RLock()
@@ -1004,6 +1029,9 @@ class BaseGateway:
                 type(excinfo[1]).__name__, exc)
 
     def _send(self, msgcode, channelid=0, data=None):
+        pending = self._pending_last_messages
+        while pending:
+            self._engine.send(Message.CHANNEL_LAST_MESSAGE, pending.pop())
         self._engine.send(msgcode, channelid, data)
 
     def _initreceive(self):

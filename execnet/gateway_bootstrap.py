@@ -45,8 +45,9 @@ def _execnet_boot(r, rfd, wfd):
         os.environ.update(env)
     if %(dont_write_bytecode)r:
         sys.dont_write_bytecode = True
-    if %(chdir)r is not None:
-        os.chdir(%(chdir)r)
+    chdir = %(chdir)r
+    if chdir is not None:
+        os.chdir(chdir)
     if %(nice)r:
         os.nice(%(nice)r)
     serve = None

@@ -275,3 +275,27 @@ def test_channel_repr_and_gateway_attribute(gw):
 def test_remote_channel_knows_execmodel(gw):
     ch = gw.remote_exec("channel.send(channel.gateway.execmodel.backend)")
     assert ch.receive(10) == "thread"
+
+
+def test_dropped_channel_lets_the_remote_keep_sending(gw):
+    import gc
+
+    report = gw.newchannel()
+    ch = gw.remote_exec("""
+        import time
+        report = channel.receive()
+        deadline = time.monotonic() + 10
+        # our peer dropped its end: its LAST_MESSAGE closes our receiving side
+        while not channel._queue.is_closed() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        try:
+            channel.send("nobody listens")
+            report.send(("sent", channel._queue.is_closed()))
+        except Exception as exc:
+            report.send(("failed", repr(exc)))
+    """)
+    ch.send(report)
+    del ch
+    gc.collect()
+    gw.remote_exec("pass").waitclose(10)  # the next send carries LAST_MESSAGE
+    assert report.receive(15) == ("sent", True)

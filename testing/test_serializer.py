@@ -189,6 +189,13 @@ def test_public_dumps_loads_dump_load():
     assert issubclass(execnet.LoadError, execnet.DataFormatError)
 
 
+def test_streaming_load_bounds_list_length():
+    import execnet
+
+    with pytest.raises(execnet.LoadError):
+        execnet.load(io.BytesIO(b"\x02K\x7f\xff\xff\xffQ"))
+
+
 def test_py2str_opcodes(impl):
     data = b"\x02M\x00\x00\x00\x02\xe9aQ"
     assert impl.loads(data) == b"\xe9a"
@@ -239,12 +246,12 @@ def test_deep_nesting_does_not_recurse(impl):
         obj = obj[0]
         n += 1
     assert n == 900
-    # far deeper input: decoded without recursion, or refused (the C
-    # decoder caps nesting), never a crash
-    try:
+    # far deeper input is refused by both decoders, never a crash
+    with pytest.raises(gb.LoadError, match="nested"):
         impl.loads_payload(nested_lists(200000), None)
-    except gb.LoadError as exc:
-        assert "nested" in str(exc)
+    tuples = b"L" + b"@\x00\x00\x00\x01" * 200000 + b"O\x00\x00\x00\x01Q"
+    with pytest.raises(gb.LoadError, match="nested"):
+        impl.loads_payload(tuples, None)
     # and an unterminated deep stack is just an error
     with pytest.raises(gb.LoadError):
         impl.loads_payload(b"J" * 100000 + b"Q", None)
