@@ -1172,7 +1172,8 @@ class WorkerGateway(BaseGateway):
 
     def _run_task(self, task):
         channel, source, filename, call_name, kwargs = task
-        self._executing += 1
+        with self._tasks_cond:
+            self._executing += 1
         channel._executing = True
         error = None
         try:
@@ -1183,9 +1184,11 @@ class WorkerGateway(BaseGateway):
             excinfo = sys.exc_info()
             error = self._geterrortext(excinfo)
         finally:
-            self._executing -= 1
             channel._executing = False
         channel._close(error)
+        with self._tasks_cond:
+            self._executing -= 1
+            self._tasks_cond.notify_all()
 
     def _terminate_execution(self):
         with self._tasks_cond:
@@ -1194,25 +1197,24 @@ class WorkerGateway(BaseGateway):
 
     def serve(self):
         """Run until the master terminates us or goes away, then exit."""
-        model = self.execmodel.backend
         self._initreceive()
-        if model == "main_thread_only":
-            while True:
-                with self._tasks_cond:
-                    while not self._tasks and not self._stopping:
-                        self._tasks_cond.wait()
-                    if not self._tasks:
-                        break
-                    task = self._tasks.popleft()
-                self._run_task(task)
-        else:
-            self._receive_done.wait()
+        try:
+            if self.execmodel.backend == "main_thread_only":
+                while True:
+                    with self._tasks_cond:
+                        while not self._tasks and not self._stopping:
+                            self._tasks_cond.wait()
+                        if not self._tasks:
+                            break
+                        task = self._tasks.popleft()
+                    self._run_task(task)
+            else:
+                self._receive_done.wait()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C at the terminal reached us too: shut down quietly
         # give running tasks a moment to notice their closed channels
-        import time
-
-        deadline = time.monotonic() + _worker_grace()
-        while self._executing and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._tasks_cond:
+            self._tasks_cond.wait_for(lambda: not self._executing, _worker_grace())
         self._engine.close_write()
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -166,3 +166,12 @@ def test_ctrl_c_interrupts_receive():
     out, err = proc.communicate(timeout=30)
     assert "interrupted" in out, err
     assert proc.returncode == 0, err
+
+
+def test_worker_shuts_down_quietly_on_sigint(gw):
+    pid = gw._rinfo().pid
+    os.kill(pid, signal.SIGINT)
+    assert wait_gone(pid, 15)
+    gw.join(10)
+    with pytest.raises(OSError, match="connection already closed"):
+        gw.remote_exec("pass")
