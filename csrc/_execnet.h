@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fdio.h"
+
 #if PY_VERSION_HEX < 0x030A0000
 #error "execnet._execnet needs Python 3.10 or newer"
 #endif
@@ -40,8 +42,18 @@ typedef struct {
     PyObject *LoadError;
     PyObject *Channel;
 
+    /* Optional 5th configure() argument: the class get() timeouts raise
+       (gateway_base.TimeoutError); NULL means the builtin TimeoutError. */
+    PyObject *TimeoutError;
+
     /* Interned strings, made in module_exec(). */
     PyObject *str_id;
+    PyObject *str_acquire;
+    PyObject *str_release;
+
+    /* Types, made in module_exec() (chanqueue.c, engine.c). */
+    PyTypeObject *ChannelQueueType;
+    PyTypeObject *EngineType;
 
     /* Other areas (frames, channel queue, receiver) add their types and
        objects below; module.c traverses and clears every PyObject * here. */
@@ -144,9 +156,25 @@ exn_frame_pack_header(unsigned char *p, int msgcode, int32_t channelid,
     exn_put_be32(p + 5, (uint32_t)length);
 }
 
+/* A growable byte buffer in plain malloc() memory, so the writer can use
+   and free it without the GIL.  All fields zero means empty. */
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+} exn_rawbuf;
+
 /* ------------------------------------------------------------------ */
 /* module.c                                                            */
 /* ------------------------------------------------------------------ */
+
+/* Parse a frame's message type (an int in -128..127) into *out.
+   0, or -1 with ValueError/TypeError set. */
+int exn_parse_msgcode(PyObject *obj, int *out);
+
+/* Parse a channel id (an int in the signed 32-bit range) into *out.
+   0, or -1 with OverflowError/TypeError set. */
+int exn_parse_channelid(PyObject *obj, int32_t *out);
 
 /* Return 0 if configure() ran; else -1 with RuntimeError set. */
 int exn_state_check_configured(exn_module_state *st);
@@ -178,6 +206,13 @@ PyObject *exn_serialize_frame(exn_module_state *st, int msgcode,
 PyObject *exn_serialize_rawframe(int msgcode, int32_t channelid,
                                  const char *data, Py_ssize_t len);
 
+/* Append one frame to `rb`: the 9-byte header for (msgcode, channelid)
+   and the payload encoding of `obj` (NULL: an empty payload), encoded in
+   place and the header's length patched afterwards.  0, or -1 with an
+   exception set and rb->len unchanged (rb->data may have grown). */
+int exn_serialize_frame_into(exn_module_state *st, exn_rawbuf *rb,
+                             int msgcode, int32_t channelid, PyObject *obj);
+
 /* ------------------------------------------------------------------ */
 /* unserialize.c                                                       */
 /* ------------------------------------------------------------------ */
@@ -190,5 +225,26 @@ PyObject *exn_unserialize_loads(exn_module_state *st,
                                 const unsigned char *data, Py_ssize_t len,
                                 PyObject *channel_factory,
                                 int py2str_as_py3str);
+
+/* ------------------------------------------------------------------ */
+/* chanqueue.c                                                         */
+/* ------------------------------------------------------------------ */
+
+/* Create the ChannelQueue type into st->ChannelQueueType and add it to
+   module `m`.  0, or -1 with an exception set. */
+int exn_chanqueue_init(PyObject *m, exn_module_state *st);
+
+/* ChannelQueue.put() for C callers; `q` must be a ChannelQueue.  Returns
+   1 if queued, 0 if dropped because the queue is closed, -1 with
+   MemoryError set. */
+int exn_chanqueue_put(PyObject *q, PyObject *item);
+
+/* ------------------------------------------------------------------ */
+/* engine.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* Create the Engine type into st->EngineType and add it to module `m`.
+   0, or -1 with an exception set. */
+int exn_engine_init(PyObject *m, exn_module_state *st);
 
 #endif /* EXN_EXECNET_H */

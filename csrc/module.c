@@ -94,22 +94,32 @@ error:
 /* ------------------------------------------------------------------ */
 
 PyDoc_STRVAR(configure_doc,
-"configure(DumpError, LoadError, DataFormatError, Channel)\n"
+"configure(DumpError, LoadError, DataFormatError, Channel,\n"
+"          TimeoutError=None, /)\n"
 "--\n"
 "\n"
 "Give the core the exception classes and the channel class defined in\n"
 "execnet.gateway_base.  Must be called before dumps() and loads(); may\n"
-"be called again to replace them.");
+"be called again to replace them.  TimeoutError is what\n"
+"ChannelQueue.get() raises when its timeout passes (default: the\n"
+"builtin TimeoutError).");
 
 /* Store strong references to the classes; None on success. */
 static PyObject *
 exn_configure(PyObject *module, PyObject *args)
 {
     PyObject *dump_error, *load_error, *format_error, *channel;
+    PyObject *timeout_error = Py_None;
     exn_module_state *st = exn_state(module);
 
-    if (!PyArg_ParseTuple(args, "OOOO:configure", &dump_error, &load_error,
-                          &format_error, &channel)) {
+    if (!PyArg_ParseTuple(args, "OOOO|O:configure", &dump_error, &load_error,
+                          &format_error, &channel, &timeout_error)) {
+        return NULL;
+    }
+    if (timeout_error != Py_None && !PyExceptionClass_Check(timeout_error)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure(): TimeoutError must be an exception "
+                        "class or None");
         return NULL;
     }
     if (!PyExceptionClass_Check(dump_error)
@@ -133,6 +143,13 @@ exn_configure(PyObject *module, PyObject *args)
     Py_XSETREF(st->DataFormatError, format_error);
     Py_INCREF(channel);
     Py_XSETREF(st->Channel, channel);
+    if (timeout_error == Py_None) {
+        Py_CLEAR(st->TimeoutError);
+    }
+    else {
+        Py_INCREF(timeout_error);
+        Py_XSETREF(st->TimeoutError, timeout_error);
+    }
     Py_RETURN_NONE;
 }
 
@@ -156,10 +173,8 @@ exn_dumps(PyObject *module, PyObject *obj)
     return exn_serialize_dumps(st, obj);
 }
 
-/* Parse a frame's message type: an int in the signed byte range.
-   Returns 0 and sets *out, or -1 with an exception set. */
-static int
-parse_msgcode(PyObject *obj, int *out)
+int
+exn_parse_msgcode(PyObject *obj, int *out)
 {
     int overflow = 0;
     long v = PyLong_AsLongAndOverflow(obj, &overflow);
@@ -175,10 +190,8 @@ parse_msgcode(PyObject *obj, int *out)
     return 0;
 }
 
-/* Parse a channel id: an int in the signed 32-bit range.
-   Returns 0 and sets *out, or -1 with an exception set. */
-static int
-parse_channelid(PyObject *obj, int32_t *out)
+int
+exn_parse_channelid(PyObject *obj, int32_t *out)
 {
     int overflow = 0;
     long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
@@ -215,8 +228,8 @@ exn_dumps_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      nargs);
         return NULL;
     }
-    if (parse_msgcode(args[0], &msgcode) < 0
-        || parse_channelid(args[1], &channelid) < 0) {
+    if (exn_parse_msgcode(args[0], &msgcode) < 0
+        || exn_parse_channelid(args[1], &channelid) < 0) {
         return NULL;
     }
     if (exn_state_check_configured(st) < 0) {
@@ -247,8 +260,8 @@ exn_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      nargs);
         return NULL;
     }
-    if (parse_msgcode(args[0], &msgcode) < 0
-        || parse_channelid(args[1], &channelid) < 0) {
+    if (exn_parse_msgcode(args[0], &msgcode) < 0
+        || exn_parse_channelid(args[1], &channelid) < 0) {
         return NULL;
     }
     if (args[2] == Py_None) {
@@ -385,7 +398,12 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->DumpError);
     Py_VISIT(st->LoadError);
     Py_VISIT(st->Channel);
+    Py_VISIT(st->TimeoutError);
     Py_VISIT(st->str_id);
+    Py_VISIT(st->str_acquire);
+    Py_VISIT(st->str_release);
+    Py_VISIT(st->ChannelQueueType);
+    Py_VISIT(st->EngineType);
     return 0;
 }
 
@@ -398,7 +416,12 @@ module_clear(PyObject *module)
     Py_CLEAR(st->DumpError);
     Py_CLEAR(st->LoadError);
     Py_CLEAR(st->Channel);
+    Py_CLEAR(st->TimeoutError);
     Py_CLEAR(st->str_id);
+    Py_CLEAR(st->str_acquire);
+    Py_CLEAR(st->str_release);
+    Py_CLEAR(st->ChannelQueueType);
+    Py_CLEAR(st->EngineType);
     return 0;
 }
 
@@ -419,6 +442,18 @@ module_exec(PyObject *module)
     if (st->str_id == NULL) {
         return -1;
     }
+    st->str_acquire = PyUnicode_InternFromString("acquire");
+    if (st->str_acquire == NULL) {
+        return -1;
+    }
+    st->str_release = PyUnicode_InternFromString("release");
+    if (st->str_release == NULL) {
+        return -1;
+    }
+    if (exn_chanqueue_init(module, st) < 0
+        || exn_engine_init(module, st) < 0) {
+        return -1;
+    }
     return 0;
 }
 
@@ -428,7 +463,9 @@ static PyModuleDef_Slot exn_slots[] = {
 };
 
 PyDoc_STRVAR(module_doc,
-"Native core of execnet: the execnet 2.x serializer and frame builder.\n"
+"Native core of execnet: the execnet 2.x serializer, frame builder,\n"
+"channel queue (ChannelQueue) and engine (Engine: framing, sends and the\n"
+"receiver loop).\n"
 "\n"
 "Internal module; use execnet.gateway_base, which configures it.");
 

@@ -10,6 +10,8 @@
  * stack first, then a bytes object grown geometrically with
  * _PyBytes_Resize() and shrunk to size at the end, so the result costs at
  * most one copy and a large bytes/str payload is copied exactly once.
+ * exn_serialize_frame_into() instead appends frames to a caller's malloc()
+ * buffer: the engine's outgoing buffer, so a send copies nothing.
  */
 #include "_execnet.h"
 
@@ -39,6 +41,8 @@ typedef struct {
     Py_ssize_t pos;      /* bytes written */
     Py_ssize_t cap;      /* bytes available at buf */
     PyObject *bytes;     /* NULL while the stack buffer is in use */
+    exn_rawbuf *raw;     /* non-NULL: write into this malloc() buffer
+                            (exn_serialize_frame_into) instead */
     char stack[WRITER_STACK_SIZE];
 } writer_t;
 
@@ -65,6 +69,7 @@ writer_init(writer_t *w)
     w->pos = 0;
     w->cap = WRITER_STACK_SIZE;
     w->bytes = NULL;
+    w->raw = NULL;
 }
 
 /* Make room for at least `n` more bytes.  0, or -1 with MemoryError. */
@@ -83,6 +88,18 @@ writer_grow(writer_t *w, Py_ssize_t n)
         /* A big item (one large bytes or str): size for it exactly, plus
            a little slack for the opcodes that follow it. */
         newcap = need + 64;
+    }
+    if (w->raw != NULL) {
+        char *p = realloc(w->raw->data, (size_t)newcap);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->raw->data = p;
+        w->raw->cap = (size_t)newcap;
+        w->buf = p;
+        w->cap = newcap;
+        return 0;
     }
     if (w->bytes == NULL) {
         w->bytes = PyBytes_FromStringAndSize(NULL, newcap);
@@ -780,4 +797,63 @@ exn_serialize_rawframe(int msgcode, int32_t channelid, const char *data,
         memcpy(p + EXN_FRAME_HEADER_SIZE, data, (size_t)len);
     }
     return result;
+}
+
+int
+exn_serialize_frame_into(exn_module_state *st, exn_rawbuf *rb, int msgcode,
+                         int32_t channelid, PyObject *obj)
+{
+    dumper_t d;
+    Py_ssize_t start = (Py_ssize_t)rb->len;
+    Py_ssize_t payload;
+    int rc = -1;
+
+    if (obj == NULL) {
+        /* An empty payload: the header alone; needs no configure(). */
+        if (rb->cap - rb->len < EXN_FRAME_HEADER_SIZE) {
+            size_t newcap = rb->cap * 2 + 256;
+            char *p = realloc(rb->data, newcap);
+            if (p == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            rb->data = p;
+            rb->cap = newcap;
+        }
+        exn_frame_pack_header((unsigned char *)rb->data + rb->len, msgcode,
+                              channelid, 0);
+        rb->len += EXN_FRAME_HEADER_SIZE;
+        return 0;
+    }
+    dumper_init(&d, st);
+    d.w.raw = rb;
+    d.w.buf = rb->data;
+    d.w.cap = (Py_ssize_t)rb->cap;
+    d.w.pos = start;
+    /* Header first, its length patched once the payload is written. */
+    if (writer_reserve(&d.w, EXN_FRAME_HEADER_SIZE) < 0) {
+        goto done;
+    }
+    d.w.pos += EXN_FRAME_HEADER_SIZE;
+    if (save(&d, obj, 0) < 0 || write_op(&d.w, OP_STOP) < 0) {
+        if (d.too_deep) {
+            raise_too_deep(&d);
+        }
+        goto done;
+    }
+    payload = d.w.pos - start - EXN_FRAME_HEADER_SIZE;
+    if (payload > INT32_MAX) {
+        PyErr_Format(d.DumpError,
+                     "can't send a payload of %zd bytes in one frame "
+                     "(the limit is 2**31-1)", payload);
+        goto done;
+    }
+    exn_frame_pack_header((unsigned char *)d.w.buf + start, msgcode,
+                          channelid, (int32_t)payload);
+    rb->len = (size_t)d.w.pos;
+    rc = 0;
+done:
+    d.w.raw = NULL;     /* the buffer belongs to rb */
+    dumper_release(&d);
+    return rc;
 }

@@ -1,0 +1,1547 @@
+/*
+ * engine.c - execnet._execnet.Engine: frames over a (read fd, write fd)
+ * pair.  Mirrors the pure gateway_base._Engine: send(), close_write(),
+ * set_route(), clear_route(), py2str_as_py3str, run_receiver().
+ *
+ * Send side (see doc/internals.rst for the full story).
+ *
+ *   mu    a PyThread lock used as a mutex, held for short spells only.
+ *         Guards `fill` (the frames waiting to be written), `spare`,
+ *         `wclosed`, `fd_closed`, `broken`, `role_owner`.  A sender
+ *         serializes its object straight into `fill` while holding mu
+ *         (and the GIL), then patches the frame header.  With the GIL held
+ *         mu is only try-acquired; a thread that must block on it releases
+ *         the GIL first, so mu and the GIL never deadlock.
+ *   role  the writer role, a PyThread lock used as a binary semaphore.
+ *         Its holder -- "the writer" -- takes `fill` (swapping in an empty
+ *         buffer) under mu and writes it with the GIL released, again and
+ *         again until it finds `fill` empty, under mu, and only then
+ *         releases the role (and, after close_write(), closes the fd).
+ *
+ * A sender appends under mu, then tries the role (under mu).  If it gets
+ * it, it writes (its frame and whatever others appended meanwhile); if not,
+ * somebody else is the writer and is bound to see the frame before giving
+ * the role up, so send() returns at once: small sends from many threads
+ * coalesce into one write().  A sender that finds more than HIGH_WATER
+ * bytes pending waits for the role instead (backpressure), so `fill`
+ * stays bounded.  A bytes object of BIG_BYTES or more is not copied: its
+ * sender waits for the role and writes pending frames, the frame header,
+ * the object's own buffer and the final 'Q' with one writev().
+ *
+ * Receive side: run_receiver() reads into a buffer with the GIL released,
+ * then, with the GIL, delivers every complete frame in it in order while
+ * holding the caller's dispatch lock once per batch.
+ *
+ * Only fdio.c functions and PyThread lock calls run without the GIL.
+ */
+#include "_execnet.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <structmember.h>
+
+#define MSG_CHANNEL_DATA 4
+
+/* A top-level bytes object this big goes out without a copy (writev). */
+#define BIG_BYTES ((Py_ssize_t)64 * 1024)
+/* Pending bytes above which a sender waits for the writer role. */
+#define HIGH_WATER ((size_t)1 << 20)
+/* Outgoing buffers bigger than this are freed after use. */
+#define KEEP_WBUF ((size_t)4 << 20)
+/* Receive buffer: first size, and the size above which an emptied buffer
+   shrinks back. */
+#define RBUF_SIZE ((size_t)256 * 1024)
+#define KEEP_RBUF ((size_t)1 << 20)
+/* A DATA frame whose payload is one bytes object of at least this size
+   is read straight into that bytes object. */
+#define BIG_DIRECT ((int32_t)64 * 1024)
+/* 'A' + length before the bytes, 'Q' after them. */
+#define A_PREFIX 5
+#define A_OVERHEAD 6
+
+/* ------------------------------------------------------------------ */
+/* Route table: channel id -> ChannelQueue or callable                */
+/* ------------------------------------------------------------------ */
+
+/* Open addressing with linear probing and backward-shift deletion.
+   Guarded by the GIL. */
+typedef struct {
+    PyObject *target;       /* owned; NULL: free slot */
+    int32_t key;
+} route_slot;
+
+typedef struct {
+    route_slot *slots;
+    size_t cap;             /* 0 or a power of two */
+    size_t count;
+} route_map;
+
+static inline size_t
+route_hash(int32_t key, size_t mask)
+{
+    return ((uint32_t)key * 2654435761u) & mask;
+}
+
+/* The target routed for `key` (borrowed), or NULL. */
+static PyObject *
+route_get(route_map *m, int32_t key)
+{
+    size_t mask, i;
+    if (m->count == 0) {
+        return NULL;
+    }
+    mask = m->cap - 1;
+    for (i = route_hash(key, mask); m->slots[i].target != NULL;
+         i = (i + 1) & mask) {
+        if (m->slots[i].key == key) {
+            return m->slots[i].target;
+        }
+    }
+    return NULL;
+}
+
+/* Resize to `newcap` slots.  0, or -1 with MemoryError. */
+static int
+route_resize(route_map *m, size_t newcap)
+{
+    route_slot *old = m->slots;
+    size_t oldcap = m->cap;
+    route_slot *slots = PyMem_Calloc(newcap, sizeof(route_slot));
+
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    m->slots = slots;
+    m->cap = newcap;
+    for (size_t j = 0; j < oldcap; j++) {
+        if (old[j].target != NULL) {
+            size_t i = route_hash(old[j].key, newcap - 1);
+            while (slots[i].target != NULL) {
+                i = (i + 1) & (newcap - 1);
+            }
+            slots[i] = old[j];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Route `key` to `target` (a new reference is taken).  Returns the target
+   it replaces (a reference the caller must drop, once the map is
+   consistent) or NULL; on MemoryError sets *err. */
+static PyObject *
+route_set(route_map *m, int32_t key, PyObject *target, int *err)
+{
+    size_t mask, i;
+
+    *err = 0;
+    if ((m->count + 1) * 2 > m->cap
+        && route_resize(m, m->cap ? m->cap * 2 : 16) < 0) {
+        *err = 1;
+        return NULL;
+    }
+    mask = m->cap - 1;
+    for (i = route_hash(key, mask); m->slots[i].target != NULL;
+         i = (i + 1) & mask) {
+        if (m->slots[i].key == key) {
+            PyObject *old = m->slots[i].target;
+            m->slots[i].target = Py_NewRef(target);
+            return old;
+        }
+    }
+    m->slots[i].key = key;
+    m->slots[i].target = Py_NewRef(target);
+    m->count++;
+    return NULL;
+}
+
+/* Remove `key`; return its target (a reference the caller must drop) or
+   NULL if it was not routed. */
+static PyObject *
+route_del(route_map *m, int32_t key)
+{
+    size_t mask, i, j;
+    PyObject *old;
+
+    if (m->count == 0) {
+        return NULL;
+    }
+    mask = m->cap - 1;
+    for (i = route_hash(key, mask); m->slots[i].target != NULL;
+         i = (i + 1) & mask) {
+        if (m->slots[i].key == key) {
+            break;
+        }
+    }
+    if (m->slots[i].target == NULL) {
+        return NULL;
+    }
+    old = m->slots[i].target;
+    m->slots[i].target = NULL;
+    m->count--;
+    /* Backward shift: move later members of the probe run into the hole
+       when their home slot does not lie between the hole and them. */
+    for (j = (i + 1) & mask; m->slots[j].target != NULL;
+         j = (j + 1) & mask) {
+        size_t home = route_hash(m->slots[j].key, mask);
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            m->slots[i] = m->slots[j];
+            m->slots[j].target = NULL;
+            i = j;
+        }
+    }
+    return old;
+}
+
+/* Empty the map; the targets' references are dropped after the map is
+   detached (a decref may run code that routes again). */
+static void
+route_clear(route_map *m)
+{
+    route_slot *slots = m->slots;
+    size_t cap = m->cap;
+
+    m->slots = NULL;
+    m->cap = 0;
+    m->count = 0;
+    for (size_t i = 0; i < cap; i++) {
+        Py_XDECREF(slots[i].target);
+    }
+    PyMem_Free(slots);
+}
+
+/* ------------------------------------------------------------------ */
+/* The object                                                          */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *module;           /* strong: the state lives there */
+    int rfd;
+    int wfd;
+    int py2str;                 /* py2str_as_py3str; GIL */
+    route_map routes;           /* GIL */
+
+    /* Send side; see the top of the file. */
+    PyThread_type_lock mu;
+    PyThread_type_lock role;
+    exn_rawbuf fill;            /* mu */
+    exn_rawbuf spare;           /* mu; an empty buffer kept for reuse */
+    int wclosed;                /* mu; close_write() ran: sends raise */
+    int fd_closed;              /* mu; wfd is closed */
+    int broken;                 /* mu; frames were lost: sends raise */
+    unsigned long mu_owner;     /* thread serializing under mu, or 0 */
+    unsigned long role_owner;   /* thread holding the role, or 0 */
+    PyObject *deferred;         /* GIL; frames (bytes) sent from code that
+                                   ran while this thread serialized */
+
+    int receiving;              /* GIL; run_receiver() is running */
+} EngineObject;
+
+/* mu_owner and role_owner are written by their owner only; other threads
+   read them just to compare with their own id, so relaxed atomics do. */
+static inline unsigned long
+load_owner(unsigned long *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void
+store_owner(unsigned long *p, unsigned long v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                       */
+/* ------------------------------------------------------------------ */
+
+/* Take and return the raised exception (normalized; new reference),
+   clearing it; NULL if none is set. */
+static PyObject *
+fetch_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Raise `exc` again (the reference is stolen). */
+static void
+restore_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
+                  PyException_GetTraceback(exc));
+#endif
+}
+
+/* Make room for `n` more bytes in `rb`.  0, or -1 with MemoryError. */
+static int
+rawbuf_reserve(exn_rawbuf *rb, size_t n)
+{
+    size_t need, newcap;
+    char *p;
+
+    if (rb->cap - rb->len >= n) {
+        return 0;
+    }
+    if (n > (size_t)PY_SSIZE_T_MAX - rb->len) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    need = rb->len + n;
+    newcap = rb->cap ? rb->cap * 2 : 4096;
+    if (newcap < need) {
+        newcap = need;
+    }
+    p = realloc(rb->data, newcap);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    rb->data = p;
+    rb->cap = newcap;
+    return 0;
+}
+
+/* Take mu with the GIL held.  Try first; if it is busy, wait with the
+   GIL released: the holder may be the writer or a sender that needs the
+   GIL to finish (never block on mu while holding the GIL). */
+static void
+mu_lock(EngineObject *self)
+{
+    if (!PyThread_acquire_lock(self->mu, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->mu, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static inline void
+mu_unlock(EngineObject *self)
+{
+    PyThread_release_lock(self->mu);
+}
+
+/* With mu held: 0 if sends are allowed, else -1 with OSError set. */
+static int
+check_open(EngineObject *self)
+{
+    if (self->broken) {
+        PyErr_SetString(PyExc_OSError,
+                        "cannot send: an interrupted write lost data on "
+                        "this connection");
+        return -1;
+    }
+    if (self->wclosed) {
+        PyErr_SetString(PyExc_OSError, "cannot send (already closed?)");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* The writer                                                          */
+/* ------------------------------------------------------------------ */
+
+/* Wait (GIL released, interruptible by signals) for the writer role.
+   0 once it is ours, or -1 with a signal handler's exception set. */
+static int
+take_role(EngineObject *self)
+{
+    for (;;) {
+        PyLockStatus r;
+        /* The current writer may be blocked in write() for long (a full
+           pipe): wait without the GIL. */
+        Py_BEGIN_ALLOW_THREADS
+        r = PyThread_acquire_lock_timed(self->role, -1, 1);
+        Py_END_ALLOW_THREADS
+        if (r == PY_LOCK_ACQUIRED) {
+            return 0;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
+}
+
+/* Be the writer: called with the GIL and the role held, mu not held.
+   Writes `fill` (and first the `nextra` buffers of `extra`, after what
+   was pending) until `fill` is empty, then gives the role up, closing the
+   fd if close_write() asked for it.  0, or -1 with OSError (write error)
+   or a signal handler's exception set.  On a write error pending frames
+   are dropped; the next send tries (and fails) again, as the pure engine
+   does. */
+static int
+run_writer(EngineObject *self, const struct iovec *extra, int nextra)
+{
+    exn_rawbuf out = {NULL, 0, 0};
+    PyObject *pending_exc = NULL;
+    int err = 0, abort = 0;
+    unsigned long me = PyThread_get_thread_ident();
+    PyThreadState *ts;
+
+    /* Writes block while the peer is slow: release the GIL for the whole
+       loop; only signal handling takes it back. */
+    ts = PyEval_SaveThread();
+    PyThread_acquire_lock(self->mu, WAIT_LOCK);
+    store_owner(&self->role_owner, me);
+    out = self->spare;
+    self->spare.data = NULL;
+    self->spare.len = self->spare.cap = 0;
+    while (self->fill.len > 0 || nextra > 0) {
+        struct iovec iov[4];
+        struct iovec *cur = iov;
+        int cnt = 0;
+        exn_rawbuf tmp = self->fill;
+
+        /* Take the pending frames; senders go on appending to the
+           (empty) buffer we hand back. */
+        self->fill = out;
+        out = tmp;
+        PyThread_release_lock(self->mu);
+
+        if (out.len > 0) {
+            iov[cnt].iov_base = out.data;
+            iov[cnt].iov_len = out.len;
+            cnt++;
+        }
+        for (int i = 0; i < nextra && cnt < 4; i++) {
+            iov[cnt++] = extra[i];
+        }
+        nextra = 0;
+        while (exn_fdio_writev_all(self->wfd, &cur, &cnt) < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                /* Not expected (blocking fds), but be correct. */
+                if (exn_fdio_poll(self->wfd, POLLOUT, -1) >= 0
+                    || errno != EINTR) {
+                    continue;
+                }
+            }
+            else if (errno != EINTR) {
+                err = errno;
+                break;
+            }
+            /* EINTR: run signal handlers (PEP 475).  A handler that
+               raises does not cut the frames short: its exception is
+               kept and raised once the batch is out.  A second one
+               aborts: the connection is then unusable. */
+            PyEval_RestoreThread(ts);
+            if (PyErr_CheckSignals() < 0) {
+                if (pending_exc != NULL) {
+                    Py_DECREF(pending_exc);
+                    abort = 1;
+                }
+                pending_exc = fetch_exception();
+            }
+            ts = PyEval_SaveThread();
+            if (abort) {
+                break;
+            }
+        }
+        out.len = 0;
+        if (out.cap > KEEP_WBUF) {
+            free(out.data);
+            out.data = NULL;
+            out.cap = 0;
+        }
+        PyThread_acquire_lock(self->mu, WAIT_LOCK);
+        if (err || abort) {
+            self->fill.len = 0;
+            if (abort) {
+                self->broken = 1;
+            }
+            break;
+        }
+    }
+    /* Nothing pending: give the role up (mu held, so no sender can append
+       unseen in between). */
+    if (self->wclosed && !self->fd_closed) {
+        (void)exn_fdio_close(self->wfd);
+        self->fd_closed = 1;
+    }
+    if (self->spare.data == NULL) {
+        self->spare = out;
+    }
+    else {
+        free(out.data);
+    }
+    store_owner(&self->role_owner, 0);
+    PyThread_release_lock(self->role);
+    PyThread_release_lock(self->mu);
+    PyEval_RestoreThread(ts);
+
+    if (pending_exc != NULL) {
+        restore_exception(pending_exc);
+        return -1;
+    }
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+/* Called with the GIL and mu held, after appending to `fill` (or after a
+   failed attempt to).  Releases mu.  Sees to it that `fill` gets written:
+   becomes the writer if the role is free; else leaves the frames to the
+   writer, waiting for the role first if too much is pending.  0, or -1
+   with an exception set. */
+static int
+hand_off(EngineObject *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+
+    if (self->fill.len == 0 && !(self->wclosed && !self->fd_closed)) {
+        mu_unlock(self);
+        return 0;
+    }
+    if (PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
+        mu_unlock(self);
+        return run_writer(self, NULL, 0);
+    }
+    if (load_owner(&self->role_owner) == me
+        || self->fill.len < HIGH_WATER) {
+        /* The writer (perhaps this very thread, in a signal handler run
+           by its write loop) checks `fill` under mu before it gives the
+           role up, so our frame will go out. */
+        mu_unlock(self);
+        return 0;
+    }
+    mu_unlock(self);
+    /* Backpressure: the peer reads slower than we produce. */
+    if (take_role(self) < 0) {
+        return -1;
+    }
+    return run_writer(self, NULL, 0);
+}
+
+/* Append the frames in self->deferred to `fill` (mu and GIL held). */
+static int
+append_deferred(EngineObject *self)
+{
+    while (self->deferred != NULL) {
+        PyObject *list = self->deferred;
+        self->deferred = NULL;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+            PyObject *frame = PyList_GET_ITEM(list, i);
+            size_t n = (size_t)PyBytes_GET_SIZE(frame);
+            if (rawbuf_reserve(&self->fill, n) < 0) {
+                Py_DECREF(list);
+                return -1;
+            }
+            memcpy(self->fill.data + self->fill.len,
+                   PyBytes_AS_STRING(frame), n);
+            self->fill.len += n;
+        }
+        Py_DECREF(list);
+    }
+    return 0;
+}
+
+/* A send from code that ran (a __del__, say) while this thread held mu
+   serializing: mu cannot be taken again, so the frame waits in
+   self->deferred and follows the frame being serialized. */
+static PyObject *
+send_nested(EngineObject *self, exn_module_state *st, int msgcode,
+            int32_t channelid, PyObject *obj)
+{
+    PyObject *frame;
+
+    if (check_open(self) < 0) {
+        return NULL;
+    }
+    if (obj == NULL) {
+        frame = exn_serialize_rawframe(msgcode, channelid, NULL, 0);
+    }
+    else {
+        frame = exn_serialize_frame(st, msgcode, channelid, obj);
+    }
+    if (frame == NULL) {
+        return NULL;
+    }
+    if (self->deferred == NULL) {
+        self->deferred = PyList_New(0);
+        if (self->deferred == NULL) {
+            Py_DECREF(frame);
+            return NULL;
+        }
+    }
+    if (PyList_Append(self->deferred, frame) < 0) {
+        Py_DECREF(frame);
+        return NULL;
+    }
+    Py_DECREF(frame);
+    Py_RETURN_NONE;
+}
+
+/* Serialize one frame into `fill` and hand it off.  None, or NULL with
+   an exception set. */
+static PyObject *
+send_small(EngineObject *self, exn_module_state *st, int msgcode,
+           int32_t channelid, PyObject *obj)
+{
+    int rc;
+
+    mu_lock(self);
+    if (check_open(self) < 0) {
+        mu_unlock(self);
+        return NULL;
+    }
+    /* Serialize with mu held, straight into the outgoing buffer: the
+       writer cannot take `fill` from under us. */
+    store_owner(&self->mu_owner, PyThread_get_thread_ident());
+    rc = exn_serialize_frame_into(st, &self->fill, msgcode, channelid, obj);
+    if (rc == 0) {
+        rc = append_deferred(self);
+    }
+    store_owner(&self->mu_owner, 0);
+    /* Even after an error: a nested close_write() may wait for us. */
+    if (hand_off(self) < 0 || rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Send a big bytes object without copying it: as the writer, writev the
+   pending frames, the header + 'A' + length, the object's buffer and
+   'Q'.  None, or NULL with an exception set. */
+static PyObject *
+send_big(EngineObject *self, exn_module_state *st, int msgcode,
+         int32_t channelid, PyObject *obj)
+{
+    unsigned char head[EXN_FRAME_HEADER_SIZE + A_PREFIX];
+    static const char stop = 'Q';
+    struct iovec extra[3];
+    Py_ssize_t n = PyBytes_GET_SIZE(obj);
+    PyObject *rv = NULL;
+
+    if (n > INT32_MAX - A_OVERHEAD) {
+        /* Too big for a frame: let the serializer raise DumpError. */
+        return send_small(self, st, msgcode, channelid, obj);
+    }
+    mu_lock(self);
+    if (check_open(self) < 0) {
+        mu_unlock(self);
+        return NULL;
+    }
+    if (!PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
+        if (load_owner(&self->role_owner)
+            == PyThread_get_thread_ident()) {
+            /* Inside our own write loop (a signal handler): copy. */
+            mu_unlock(self);
+            return send_small(self, st, msgcode, channelid, obj);
+        }
+        mu_unlock(self);
+        if (take_role(self) < 0) {
+            return NULL;
+        }
+        mu_lock(self);
+        if (check_open(self) < 0) {
+            mu_unlock(self);
+            PyObject *exc = fetch_exception();
+            if (run_writer(self, NULL, 0) < 0) {
+                PyErr_Clear();
+            }
+            restore_exception(exc);
+            return NULL;
+        }
+    }
+    mu_unlock(self);
+
+    exn_frame_pack_header(head, msgcode, channelid,
+                          (int32_t)(n + A_OVERHEAD));
+    head[EXN_FRAME_HEADER_SIZE] = 'A';
+    exn_put_be32(head + EXN_FRAME_HEADER_SIZE + 1, (uint32_t)n);
+    extra[0].iov_base = head;
+    extra[0].iov_len = sizeof(head);
+    extra[1].iov_base = PyBytes_AS_STRING(obj);
+    extra[1].iov_len = (size_t)n;
+    extra[2].iov_base = (void *)&stop;
+    extra[2].iov_len = 1;
+    /* `obj` stays alive: the caller's argument reference pins it, and
+       bytes are immutable, so the writer reads it without the GIL. */
+    Py_INCREF(obj);
+    if (run_writer(self, extra, 3) == 0) {
+        rv = Py_NewRef(Py_None);
+    }
+    Py_DECREF(obj);
+    return rv;
+}
+
+PyDoc_STRVAR(send_doc,
+"send($self, msgcode, channelid, obj=None, /)\n"
+"--\n"
+"\n"
+"Write one frame: an empty payload if obj is None and msgcode is not\n"
+"CHANNEL_DATA (4), else the serialized obj.  Thread-safe; frames sent\n"
+"close together from several threads are coalesced into one write.\n"
+"Raises OSError after close_write() or when the write fails.");
+
+static PyObject *
+engine_send(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    exn_module_state *st = exn_state(self->module);
+    PyObject *obj = NULL;
+    int msgcode;
+    int32_t channelid;
+
+    if (nargs < 2 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError,
+                     "send() takes 2 or 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (exn_parse_msgcode(args[0], &msgcode) < 0
+        || exn_parse_channelid(args[1], &channelid) < 0) {
+        return NULL;
+    }
+    if (nargs == 3 && (args[2] != Py_None || msgcode == MSG_CHANNEL_DATA)) {
+        obj = args[2];
+        if (exn_state_check_configured(st) < 0) {
+            return NULL;
+        }
+    }
+    else if (nargs == 2 && msgcode == MSG_CHANNEL_DATA) {
+        obj = Py_None;
+        if (exn_state_check_configured(st) < 0) {
+            return NULL;
+        }
+    }
+    if (load_owner(&self->mu_owner) == PyThread_get_thread_ident()) {
+        return send_nested(self, st, msgcode, channelid, obj);
+    }
+    if (obj != NULL && PyBytes_CheckExact(obj)
+        && PyBytes_GET_SIZE(obj) >= BIG_BYTES) {
+        return send_big(self, st, msgcode, channelid, obj);
+    }
+    return send_small(self, st, msgcode, channelid, obj);
+}
+
+PyDoc_STRVAR(close_write_doc,
+"close_write($self, /)\n"
+"--\n"
+"\n"
+"Write what is pending, then close the write fd; later sends raise\n"
+"OSError.  Idempotent.  Write errors while flushing are ignored.");
+
+static PyObject *
+engine_close_write(EngineObject *self, PyObject *Py_UNUSED(ignored))
+{
+    unsigned long me = PyThread_get_thread_ident();
+    int rc;
+
+    if (load_owner(&self->mu_owner) == me) {
+        /* Called from code run while this thread serializes (mu is ours):
+           the send in progress hands off and the writer closes. */
+        self->wclosed = 1;
+        Py_RETURN_NONE;
+    }
+    mu_lock(self);
+    if (self->fd_closed) {
+        mu_unlock(self);
+        Py_RETURN_NONE;
+    }
+    self->wclosed = 1;
+    if (PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
+        mu_unlock(self);
+        rc = run_writer(self, NULL, 0);
+    }
+    else if (load_owner(&self->role_owner) == me) {
+        /* A signal handler inside our own write loop: it closes. */
+        mu_unlock(self);
+        Py_RETURN_NONE;
+    }
+    else {
+        mu_unlock(self);
+        /* The writer closes when done; wait for that, as the pure engine
+           waits for its send lock. */
+        if (take_role(self) < 0) {
+            return NULL;
+        }
+        rc = run_writer(self, NULL, 0);
+    }
+    if (rc < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OSError)) {
+            return NULL;
+        }
+        PyErr_Clear();      /* the peer is gone; the fd is closed anyway */
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* Routes                                                              */
+/* ------------------------------------------------------------------ */
+
+PyDoc_STRVAR(set_route_doc,
+"set_route($self, channelid, target, /)\n"
+"--\n"
+"\n"
+"Deliver CHANNEL_DATA for channelid to target: a ChannelQueue (put()\n"
+"in C) or a callable (called with the item).");
+
+static PyObject *
+engine_set_route(EngineObject *self, PyObject *const *args,
+                 Py_ssize_t nargs)
+{
+    int32_t channelid;
+    PyObject *old;
+    int err;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError,
+                     "set_route() takes exactly 2 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    if (exn_parse_channelid(args[0], &channelid) < 0) {
+        return NULL;
+    }
+    old = route_set(&self->routes, channelid, args[1], &err);
+    if (err) {
+        return NULL;
+    }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(clear_route_doc,
+"clear_route($self, channelid, /)\n"
+"--\n"
+"\n"
+"Stop routing channelid; its frames go to dispatch again.");
+
+static PyObject *
+engine_clear_route(EngineObject *self, PyObject *arg)
+{
+    int32_t channelid;
+
+    if (exn_parse_channelid(arg, &channelid) < 0) {
+        return NULL;
+    }
+    Py_XDECREF(route_del(&self->routes, channelid));
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ */
+/* The receiver                                                        */
+/* ------------------------------------------------------------------ */
+
+typedef struct {
+    EngineObject *self;
+    exn_module_state *st;
+    PyObject *dispatch;         /* borrowed (the caller's arguments) */
+    PyObject *factory;          /* borrowed; NULL if None */
+    PyObject *callback_error;   /* borrowed */
+    PyObject *acquire;          /* owned: lock.acquire */
+    PyObject *release;          /* owned: lock.release */
+    char *buf;                  /* malloc(); frames in [start, end) */
+    size_t start, end, cap;
+    PyObject *big;              /* a big 'A' payload being read, or NULL */
+    int32_t big_chid;
+    size_t big_have;            /* bytes of it read so far */
+} receiver_t;
+
+/* With an exception set: if it is a DataFormatError, take it as the
+   reason the loop ends (*reason, return 1); else leave it set for
+   run_receiver to propagate (return -1). */
+static int
+error_or_reason(receiver_t *R, PyObject **reason)
+{
+    if (R->st->DataFormatError != NULL
+        && PyErr_ExceptionMatches(R->st->DataFormatError)) {
+        *reason = fetch_exception();
+        return *reason != NULL ? 1 : -1;
+    }
+    return -1;
+}
+
+/* End the loop with a new `cls(message)` instance as the reason. */
+static int
+stop_with(PyObject **reason, PyObject *cls, const char *format, ...)
+{
+    PyObject *msg;
+    va_list vargs;
+
+    va_start(vargs, format);
+    msg = PyUnicode_FromFormatV(format, vargs);
+    va_end(vargs);
+    if (msg == NULL) {
+        return -1;
+    }
+    *reason = PyObject_CallOneArg(cls, msg);
+    Py_DECREF(msg);
+    return *reason != NULL ? 1 : -1;
+}
+
+/* Hand a decoded item to its route target (both owned by the caller).
+   0, 1 (stop, *reason set) or -1 (exception to propagate). */
+static int
+deliver_item(receiver_t *R, int32_t chid, PyObject *target, PyObject *item,
+             PyObject **reason)
+{
+    PyObject *res, *exc, *idobj;
+
+    if (Py_IS_TYPE(target, R->st->ChannelQueueType)) {
+        return exn_chanqueue_put(target, item) < 0 ? -1 : 0;
+    }
+    res = PyObject_CallOneArg(target, item);
+    if (res != NULL) {
+        Py_DECREF(res);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;      /* KeyboardInterrupt, SystemExit, ... */
+    }
+    exc = fetch_exception();
+    if (exc == NULL) {
+        return -1;
+    }
+    idobj = PyLong_FromLong(chid);
+    if (idobj == NULL) {
+        Py_DECREF(exc);
+        return -1;
+    }
+    res = PyObject_CallFunctionObjArgs(R->callback_error, idobj, exc, NULL);
+    Py_DECREF(idobj);
+    Py_DECREF(exc);
+    if (res == NULL) {
+        return error_or_reason(R, reason);
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Call dispatch(msgcode, chid, payload).  0, 1 (stop: *reason set, NULL
+   meaning "dispatch returned true") or -1. */
+static int
+call_dispatch(receiver_t *R, int msgcode, int32_t chid, PyObject *payload,
+              PyObject **reason)
+{
+    PyObject *res;
+    int truth;
+
+    res = PyObject_CallFunction(R->dispatch, "iiO", msgcode, (int)chid,
+                                payload);
+    if (res == NULL) {
+        return error_or_reason(R, reason);
+    }
+    truth = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    if (truth < 0) {
+        return error_or_reason(R, reason);
+    }
+    if (truth) {
+        *reason = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+/* Deliver one complete frame.  0, 1 (stop, *reason) or -1. */
+static int
+deliver_frame(receiver_t *R, int msgcode, int32_t chid,
+              const char *payload, Py_ssize_t len, PyObject **reason)
+{
+    PyObject *target = NULL, *item, *bytes;
+    int rc;
+
+    if (msgcode == MSG_CHANNEL_DATA) {
+        target = route_get(&R->self->routes, chid);
+    }
+    if (target != NULL) {
+        /* The target may be unrouted (and freed) by code that runs while
+           we decode or deliver: hold it. */
+        Py_INCREF(target);
+        item = exn_unserialize_loads(R->st, (const unsigned char *)payload,
+                                     len, R->factory, R->self->py2str);
+        if (item == NULL) {
+            Py_DECREF(target);
+            return error_or_reason(R, reason);
+        }
+        rc = deliver_item(R, chid, target, item, reason);
+        Py_DECREF(item);
+        Py_DECREF(target);
+        return rc;
+    }
+    bytes = PyBytes_FromStringAndSize(payload, len);
+    if (bytes == NULL) {
+        return -1;
+    }
+    rc = call_dispatch(R, msgcode, chid, bytes, reason);
+    Py_DECREF(bytes);
+    return rc;
+}
+
+/* Deliver the big 'A' payload read straight into R->big (its 'Q' has
+   been checked).  0, 1 or -1. */
+static int
+deliver_big(receiver_t *R, PyObject **reason)
+{
+    PyObject *item = R->big, *target, *payload;
+    int32_t chid = R->big_chid;
+    Py_ssize_t n;
+    int rc;
+
+    R->big = NULL;
+    target = route_get(&R->self->routes, chid);
+    if (target != NULL) {
+        Py_INCREF(target);
+        rc = deliver_item(R, chid, target, item, reason);
+        Py_DECREF(target);
+        Py_DECREF(item);
+        return rc;
+    }
+    /* Not routed (any more): dispatch wants the payload bytes back. */
+    n = PyBytes_GET_SIZE(item);
+    payload = PyBytes_FromStringAndSize(NULL, n + A_OVERHEAD);
+    if (payload == NULL) {
+        Py_DECREF(item);
+        return -1;
+    }
+    {
+        char *p = PyBytes_AS_STRING(payload);
+        p[0] = 'A';
+        exn_put_be32((unsigned char *)p + 1, (uint32_t)n);
+        memcpy(p + A_PREFIX, PyBytes_AS_STRING(item), (size_t)n);
+        p[A_PREFIX + n] = 'Q';
+    }
+    Py_DECREF(item);
+    rc = call_dispatch(R, MSG_CHANNEL_DATA, chid, payload, reason);
+    Py_DECREF(payload);
+    return rc;
+}
+
+/* Call lock.acquire() or lock.release() (`meth`), keeping an exception
+   that is already set.  0, or -1 with an exception set. */
+static int
+call_lock(PyObject *meth)
+{
+    PyObject *exc = PyErr_Occurred() ? fetch_exception() : NULL;
+    PyObject *res = PyObject_CallNoArgs(meth);
+
+    if (exc != NULL) {
+        if (res == NULL) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(res);
+        restore_exception(exc);
+        return -1;
+    }
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Deliver every complete frame in the buffer (and a finished big
+   payload), in order, holding the dispatch lock once for the batch.
+   0 (need more data), 1 (stop, *reason set) or -1. */
+static int
+deliver_batch(receiver_t *R, PyObject **reason)
+{
+    int locked = 0, rc = 0;
+
+    for (;;) {
+        const unsigned char *p = (const unsigned char *)R->buf + R->start;
+        size_t avail = R->end - R->start;
+        int msgcode;
+        int32_t chid, len;
+
+        if (R->big != NULL) {
+            if (R->big_have < (size_t)PyBytes_GET_SIZE(R->big)
+                || avail == 0) {
+                break;
+            }
+            if (p[0] != 'Q') {
+                rc = stop_with(reason, R->st->LoadError,
+                               "bytes payload of channel %d not followed "
+                               "by the STOP opcode", (int)R->big_chid);
+                break;
+            }
+            R->start++;
+            if (!locked && call_lock(R->acquire) < 0) {
+                rc = -1;
+                break;
+            }
+            locked = 1;
+            rc = deliver_big(R, reason);
+            if (rc != 0) {
+                break;
+            }
+            continue;
+        }
+        if (avail < EXN_FRAME_HEADER_SIZE) {
+            break;
+        }
+        msgcode = (signed char)p[0];
+        chid = exn_get_be32s(p + 1);
+        len = exn_get_be32s(p + 5);
+        if (len < 0) {
+            rc = stop_with(reason, R->st->LoadError,
+                           "negative frame length %d", (int)len);
+            break;
+        }
+        if (avail - EXN_FRAME_HEADER_SIZE < (size_t)len) {
+            break;
+        }
+        R->start += EXN_FRAME_HEADER_SIZE + (size_t)len;
+        if (!locked && call_lock(R->acquire) < 0) {
+            rc = -1;
+            break;
+        }
+        locked = 1;
+        rc = deliver_frame(R, msgcode, chid,
+                           (const char *)p + EXN_FRAME_HEADER_SIZE, len,
+                           reason);
+        if (rc != 0) {
+            break;
+        }
+    }
+    if (locked && call_lock(R->release) < 0) {
+        if (rc == 1) {
+            Py_CLEAR(*reason);
+        }
+        rc = -1;
+    }
+    return rc;
+}
+
+/* After a batch: if the incomplete frame at the start of the buffer is a
+   big DATA frame holding one bytes object, allocate that object and
+   continue reading into it directly.  0, or -1 with MemoryError. */
+static int
+maybe_start_big(receiver_t *R)
+{
+    const unsigned char *p = (const unsigned char *)R->buf + R->start;
+    size_t avail = R->end - R->start, have;
+    int32_t len, n;
+
+    if (R->big != NULL || avail < EXN_FRAME_HEADER_SIZE + A_PREFIX) {
+        return 0;
+    }
+    len = exn_get_be32s(p + 5);
+    if (p[0] != MSG_CHANNEL_DATA || len < BIG_DIRECT + A_OVERHEAD
+        || p[EXN_FRAME_HEADER_SIZE] != 'A') {
+        return 0;
+    }
+    n = exn_get_be32s(p + EXN_FRAME_HEADER_SIZE + 1);
+    if (n != len - A_OVERHEAD) {
+        return 0;
+    }
+    R->big = PyBytes_FromStringAndSize(NULL, n);
+    if (R->big == NULL) {
+        return -1;
+    }
+    R->big_chid = exn_get_be32s(p + 1);
+    have = avail - (EXN_FRAME_HEADER_SIZE + A_PREFIX);
+    if (have > (size_t)n) {
+        have = (size_t)n;
+    }
+    memcpy(PyBytes_AS_STRING(R->big), p + EXN_FRAME_HEADER_SIZE + A_PREFIX,
+           have);
+    R->big_have = have;
+    R->start += EXN_FRAME_HEADER_SIZE + A_PREFIX + have;
+    return 0;
+}
+
+/* Make room to read: compact the buffer, grow it when a frame fills it
+   (only as its bytes arrive, so a hostile length costs nothing), shrink
+   it back when empty.  0, or -1 with MemoryError. */
+static int
+prepare_read(receiver_t *R)
+{
+    size_t avail = R->end - R->start;
+
+    if (avail == 0 && R->cap > KEEP_RBUF) {
+        char *p = realloc(R->buf, RBUF_SIZE);
+        if (p != NULL) {
+            R->buf = p;
+            R->cap = RBUF_SIZE;
+        }
+    }
+    if (R->start > 0) {
+        memmove(R->buf, R->buf + R->start, avail);
+        R->start = 0;
+        R->end = avail;
+    }
+    if (R->end == R->cap) {
+        /* A whole buffer of one incomplete frame (the header is in). */
+        size_t want = EXN_FRAME_HEADER_SIZE
+                      + (size_t)exn_get_be32s((unsigned char *)R->buf + 5);
+        size_t newcap = R->cap * 2;
+        char *p;
+        if (newcap > want) {
+            newcap = want;
+        }
+        p = realloc(R->buf, newcap);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        R->buf = p;
+        R->cap = newcap;
+    }
+    return 0;
+}
+
+/* Read more: into the big payload if one is in progress, else into the
+   buffer; the GIL is released while read() blocks.  0 (got data), 1
+   (stop: *reason is the EOFError/OSError) or -1 (a signal handler
+   raised). */
+static int
+read_more(receiver_t *R, PyObject **reason)
+{
+    ssize_t n;
+    int saved_errno = 0, rfd = R->self->rfd;
+
+    for (;;) {
+        if (R->big != NULL && R->big_have < (size_t)PyBytes_GET_SIZE(R->big)) {
+            char *dst = PyBytes_AS_STRING(R->big);
+            size_t want = (size_t)PyBytes_GET_SIZE(R->big);
+            size_t have = R->big_have;
+            int r;
+            /* Nobody else sees R->big yet: fill it without the GIL. */
+            Py_BEGIN_ALLOW_THREADS
+            r = exn_fdio_read_full(rfd, dst, want, &have);
+            saved_errno = errno;
+            Py_END_ALLOW_THREADS
+            R->big_have = have;
+            n = r == 0 ? 1 : r == 1 ? 0 : -1;
+        }
+        else {
+            if (prepare_read(R) < 0) {
+                return -1;
+            }
+            /* Block in read() without the GIL: the senders need it. */
+            Py_BEGIN_ALLOW_THREADS
+            n = exn_fdio_read(rfd, R->buf + R->end, R->cap - R->end);
+            saved_errno = errno;
+            Py_END_ALLOW_THREADS
+            if (n > 0) {
+                R->end += (size_t)n;
+            }
+        }
+        if (n > 0) {
+            return 0;
+        }
+        if (n == 0) {
+            size_t avail = R->end - R->start;
+            if (R->big == NULL && avail == 0) {
+                return stop_with(reason, PyExc_EOFError,
+                                 "connection closed");
+            }
+            if (R->big == NULL && avail < EXN_FRAME_HEADER_SIZE) {
+                return stop_with(reason, PyExc_EOFError,
+                                 "connection closed inside a frame header");
+            }
+            return stop_with(reason, PyExc_EOFError,
+                             "connection closed inside a frame");
+        }
+        if (saved_errno == EINTR) {
+            if (PyErr_CheckSignals() < 0) {
+                return -1;
+            }
+            continue;
+        }
+        if (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK) {
+            int r;
+            Py_BEGIN_ALLOW_THREADS
+            r = exn_fdio_poll(rfd, POLLIN, -1);
+            Py_END_ALLOW_THREADS
+            (void)r;
+            continue;
+        }
+        errno = saved_errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        *reason = fetch_exception();
+        return *reason != NULL ? 1 : -1;
+    }
+}
+
+PyDoc_STRVAR(run_receiver_doc,
+"run_receiver($self, dispatch, channel_factory, callback_error, lock, /)\n"
+"--\n"
+"\n"
+"Read and deliver frames until EOF, an error, or dispatch() returns\n"
+"true.  CHANNEL_DATA for a routed channel goes to its ChannelQueue or\n"
+"callable (callback_error(channelid, exc) when that raises an\n"
+"Exception); every other frame to dispatch(msgcode, channelid,\n"
+"payload).  lock is held while a batch is delivered.  Returns the reason\n"
+"the loop ended as an exception instance (EOFError, LoadError, OSError),\n"
+"or None after dispatch() returned true.");
+
+static PyObject *
+engine_run_receiver(EngineObject *self, PyObject *const *args,
+                    Py_ssize_t nargs)
+{
+    receiver_t R;
+    PyObject *reason = NULL;
+    PyObject *module;
+    int rc;
+
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "run_receiver() takes exactly 4 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    if (self->receiving) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "run_receiver() is already running");
+        return NULL;
+    }
+    memset(&R, 0, sizeof(R));
+    /* Keep the module (its state) alive while the loop runs. */
+    module = Py_NewRef(self->module);
+    R.self = self;
+    R.st = exn_state(module);
+    if (exn_state_check_configured(R.st) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    R.dispatch = args[0];
+    R.factory = args[1] == Py_None ? NULL : args[1];
+    R.callback_error = args[2];
+    R.acquire = PyObject_GetAttr(args[3], R.st->str_acquire);
+    R.release = R.acquire ? PyObject_GetAttr(args[3], R.st->str_release)
+                          : NULL;
+    R.buf = malloc(RBUF_SIZE);
+    R.cap = RBUF_SIZE;
+    if (R.release == NULL || R.buf == NULL) {
+        if (R.buf == NULL && !PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        rc = -1;
+        goto done;
+    }
+    self->receiving = 1;
+    for (;;) {
+        rc = deliver_batch(&R, &reason);
+        if (rc != 0) {
+            break;
+        }
+        if (maybe_start_big(&R) < 0) {
+            rc = -1;
+            break;
+        }
+        rc = read_more(&R, &reason);
+        if (rc != 0) {
+            break;
+        }
+    }
+    self->receiving = 0;
+
+done:
+    Py_XDECREF(R.big);
+    free(R.buf);
+    Py_XDECREF(R.acquire);
+    Py_XDECREF(R.release);
+    Py_DECREF(module);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (reason == NULL) {
+        Py_RETURN_NONE;
+    }
+    return reason;
+}
+
+/* ------------------------------------------------------------------ */
+/* Attributes                                                          */
+/* ------------------------------------------------------------------ */
+
+static PyObject *
+engine_get_py2str(EngineObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->py2str);
+}
+
+static int
+engine_set_py2str(EngineObject *self, PyObject *value,
+                  void *Py_UNUSED(closure))
+{
+    int v;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError,
+                        "cannot delete py2str_as_py3str");
+        return -1;
+    }
+    v = PyObject_IsTrue(value);
+    if (v < 0) {
+        return -1;
+    }
+    self->py2str = v;
+    return 0;
+}
+
+static PyGetSetDef engine_getset[] = {
+    {"py2str_as_py3str", (getter)engine_get_py2str,
+     (setter)engine_set_py2str,
+     "Decode old py2 str opcodes of routed data as str (latin-1).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef engine_members[] = {
+    {"rfd", T_INT, offsetof(EngineObject, rfd), READONLY,
+     "The fd frames are read from."},
+    {"wfd", T_INT, offsetof(EngineObject, wfd), READONLY,
+     "The fd frames are written to."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+/* ------------------------------------------------------------------ */
+/* Lifetime and GC                                                     */
+/* ------------------------------------------------------------------ */
+
+/* Engine(rfd, wfd).  New reference, or NULL. */
+static PyObject *
+engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"rfd", "wfd", NULL};
+    EngineObject *self;
+    PyObject *module;
+    int rfd, wfd;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ii:Engine", kwlist,
+                                     &rfd, &wfd)) {
+        return NULL;
+    }
+    module = exn_module_by_type(type);
+    if (module == NULL) {
+        return NULL;
+    }
+    self = (EngineObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->module = Py_NewRef(module);
+    self->rfd = rfd;
+    self->wfd = wfd;
+    self->mu = PyThread_allocate_lock();
+    self->role = PyThread_allocate_lock();
+    if (self->mu == NULL || self->role == NULL) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_MemoryError, "cannot allocate lock");
+        return NULL;
+    }
+    /* Bulk transfers: a 1 MiB pipe moves data in fewer, larger steps.
+       Failure (not a pipe, over the user's pipe budget) is harmless. */
+    (void)exn_fdio_set_pipe_size(rfd, EXN_FDIO_PIPE_SIZE);
+    (void)exn_fdio_set_pipe_size(wfd, EXN_FDIO_PIPE_SIZE);
+    return (PyObject *)self;
+}
+
+static int
+engine_traverse(EngineObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->module);
+    Py_VISIT(self->deferred);
+    for (size_t i = 0; i < self->routes.cap; i++) {
+        Py_VISIT(self->routes.slots[i].target);
+    }
+    return 0;
+}
+
+static int
+engine_clear(EngineObject *self)
+{
+    route_clear(&self->routes);
+    Py_CLEAR(self->deferred);
+    return 0;
+}
+
+static void
+engine_dealloc(EngineObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+
+    PyObject_GC_UnTrack(self);
+    (void)engine_clear(self);
+    if (self->mu != NULL) {
+        PyThread_free_lock(self->mu);
+    }
+    if (self->role != NULL) {
+        PyThread_free_lock(self->role);
+    }
+    free(self->fill.data);
+    free(self->spare.data);
+    Py_CLEAR(self->module);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))engine_send, METH_FASTCALL,
+     send_doc},
+    {"close_write", (PyCFunction)engine_close_write, METH_NOARGS,
+     close_write_doc},
+    {"set_route", (PyCFunction)(void (*)(void))engine_set_route,
+     METH_FASTCALL, set_route_doc},
+    {"clear_route", (PyCFunction)engine_clear_route, METH_O,
+     clear_route_doc},
+    {"run_receiver", (PyCFunction)(void (*)(void))engine_run_receiver,
+     METH_FASTCALL, run_receiver_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(engine_doc,
+"Engine(rfd, wfd)\n"
+"--\n"
+"\n"
+"Frames over a (read fd, write fd) pair: send() serializes and writes\n"
+"frames (coalescing concurrent small sends), run_receiver() reads and\n"
+"delivers them; CHANNEL_DATA for a routed channel id goes straight to\n"
+"its ChannelQueue or callable.");
+
+static PyType_Slot engine_slots[] = {
+    {Py_tp_doc, (void *)engine_doc},
+    {Py_tp_new, engine_new},
+    {Py_tp_dealloc, engine_dealloc},
+    {Py_tp_traverse, engine_traverse},
+    {Py_tp_clear, engine_clear},
+    {Py_tp_methods, engine_methods},
+    {Py_tp_members, engine_members},
+    {Py_tp_getset, engine_getset},
+    {0, NULL},
+};
+
+static PyType_Spec engine_spec = {
+    .name = "execnet._execnet.Engine",
+    .basicsize = sizeof(EngineObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC
+             | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = engine_slots,
+};
+
+int
+exn_engine_init(PyObject *m, exn_module_state *st)
+{
+    st->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(
+        m, &engine_spec, NULL);
+    if (st->EngineType == NULL) {
+        return -1;
+    }
+    return PyModule_AddType(m, st->EngineType);
+}

@@ -1,0 +1,133 @@
+/*
+ * fdio.c - read/write/writev/poll helpers for blocking file descriptors.
+ *
+ * This is the only code of the core that runs without the GIL (besides
+ * PyThread lock waits), so it includes no Python header at all: see
+ * fdio.h for the contract (-1 + errno, EINTR returned to the caller).
+ */
+#define _GNU_SOURCE 1
+
+#include "fdio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* Largest single read/write request: keep counts within ssize_t. */
+#define MAX_IO_CHUNK ((size_t)1 << 30)
+
+ssize_t
+exn_fdio_read(int fd, void *buf, size_t n)
+{
+    if (n > MAX_IO_CHUNK) {
+        n = MAX_IO_CHUNK;
+    }
+    return read(fd, buf, n);
+}
+
+int
+exn_fdio_read_full(int fd, char *buf, size_t n, size_t *done)
+{
+    while (*done < n) {
+        ssize_t r = exn_fdio_read(fd, buf + *done, n - *done);
+        if (r < 0) {
+            return -1;
+        }
+        if (r == 0) {
+            return 1;
+        }
+        *done += (size_t)r;
+    }
+    return 0;
+}
+
+int
+exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
+{
+    struct iovec *v = *iov;
+    int cnt = *iovcnt;
+
+    /* Skip empty entries so a zero-length request never reaches writev. */
+    while (cnt > 0 && v->iov_len == 0) {
+        v++;
+        cnt--;
+    }
+    while (cnt > 0) {
+        int batch = cnt < IOV_MAX ? cnt : IOV_MAX;
+        ssize_t r = writev(fd, v, batch);
+        if (r < 0) {
+            *iov = v;
+            *iovcnt = cnt;
+            return -1;
+        }
+        /* Partial write: drop what went out, advance into the entry that
+           was cut. */
+        size_t left = (size_t)r;
+        while (cnt > 0 && left >= v->iov_len) {
+            left -= v->iov_len;
+            v++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            v->iov_base = (char *)v->iov_base + left;
+            v->iov_len -= left;
+            while (cnt > 0 && v->iov_len == 0) {
+                v++;
+                cnt--;
+            }
+        }
+    }
+    *iov = v;
+    *iovcnt = 0;
+    return 0;
+}
+
+int
+exn_fdio_poll(int fd, short events, int timeout_ms)
+{
+    struct pollfd p;
+    p.fd = fd;
+    p.events = events;
+    p.revents = 0;
+    return poll(&p, 1, timeout_ms);
+}
+
+int
+exn_fdio_set_pipe_size(int fd, int size)
+{
+#ifdef F_SETPIPE_SZ
+    struct stat sb;
+    int cur;
+
+    if (fstat(fd, &sb) < 0) {
+        return -1;
+    }
+    if (!S_ISFIFO(sb.st_mode)) {
+        return 0;
+    }
+    cur = fcntl(fd, F_GETPIPE_SZ);
+    if (cur >= size) {
+        return cur;
+    }
+    return fcntl(fd, F_SETPIPE_SZ, size);
+#else
+    (void)fd;
+    (void)size;
+    return 0;
+#endif
+}
+
+int
+exn_fdio_close(int fd)
+{
+    int r = close(fd);
+    if (r < 0 && errno == EINTR) {
+        /* The fd is released even when close() is interrupted (Linux,
+           and POSIX 2024); retrying could close somebody else's fd. */
+        return 0;
+    }
+    return r;
+}
