@@ -1249,17 +1249,24 @@ _PyChannelQueue = ChannelQueue
 
 
 def _use_native():
-    global _dumps_payload, _loads_payload, backend
+    # Channel() and BaseGateway() look ChannelQueue and _Engine up at call
+    # time, so rebinding the module globals switches every new channel and
+    # gateway over to the native core.
+    global _dumps_payload, _loads_payload, ChannelQueue, _Engine, backend
     if os.environ.get("EXECNET_NO_EXTENSIONS") or __name__ != "execnet.gateway_base":
         return
     try:
         from . import _execnet
     except ImportError:
         return
-    _execnet.configure(DumpError, LoadError, DataFormatError, Channel)
+    _execnet.configure(DumpError, LoadError, DataFormatError, Channel,
+                       TimeoutError)
     _dumps_payload = _execnet.dumps
     _loads_payload = _execnet.loads
+    ChannelQueue = _execnet.ChannelQueue
+    _Engine = _execnet.Engine
     backend = "c"
+
 
 
 _use_native()
