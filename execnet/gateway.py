@@ -54,6 +54,8 @@ class Gateway(gateway_base.BaseGateway):
 
     def hasreceiver(self):
         t = self._receivethread
+        if t is not None and self.execmodel._green:
+            return not self._receive_done.is_set()  # a greenlet
         return t is not None and t.is_alive()
 
     def exit(self):

@@ -82,6 +82,8 @@ class ExecModel:
     it runs on the main thread, one call after another.
     """
 
+    _green = False  # gevent/eventlet: see _GreenExecModel
+
     def __init__(self, backend):
         self.backend = backend
 
@@ -118,6 +120,16 @@ class ExecModel:
     def Condition(self, lock=None):
         return threading.Condition(lock)
 
+    def Queue(self, maxsize=0):
+        import queue
+
+        return queue.Queue(maxsize)
+
+    def select(self, rlist, wlist, xlist, timeout=None):
+        import select
+
+        return select.select(rlist, wlist, xlist, timeout)
+
     def PopenPiped(self, args, **kwargs):
         import subprocess
 
@@ -125,36 +137,75 @@ class ExecModel:
 
 
 class _GreenExecModel(ExecModel):
-    """gevent/eventlet: primitives of the green library (pure engine only)."""
+    """gevent/eventlet: green threads and the library's primitives.
+
+    The library is imported when the model is first asked for, never at
+    module import.  Gateways of a green model use the pure-Python engine
+    (``_GreenEngine``, ``_GreenChannelQueue``): its fds are non-blocking and
+    read and written through the library's cooperative helpers, and every
+    wait -- channel receive, waitclose, the worker's serve loop -- parks the
+    greenlet and lets the hub run the others.
+    """
+
+    _green = True
 
     def __init__(self, backend):
         super().__init__(backend)
+        import greenlet
+
+        self._getcurrent = greenlet.getcurrent
         if backend == "gevent":
             import gevent
             import gevent.event
             import gevent.lock
-            import gevent.thread
+            import gevent.os
+            import gevent.queue
+            import gevent.select
 
             self._mod = gevent
-            self._lock = gevent.lock.Semaphore
+            self._sem = gevent.lock.Semaphore
             self._rlock = gevent.lock.RLock
             self._event = gevent.event.Event
-            self._ident = gevent.thread.get_ident
             self._spawn = gevent.spawn
+            self._queue = gevent.queue.Queue
+            self._nb_read = gevent.os.nb_read
+            self._nb_write = gevent.os.nb_write
+            self._select = gevent.select.select
         else:
             import eventlet
-            import eventlet.green.threading as gthreading
+            import eventlet.green.select
+            import eventlet.hubs
+            import eventlet.queue
             import eventlet.semaphore
 
+            trampoline = eventlet.hubs.trampoline
+
+            def nb_read(fd, n):
+                while True:
+                    try:
+                        return os.read(fd, n)
+                    except BlockingIOError:
+                        trampoline(fd, read=True)
+
+            def nb_write(fd, data):
+                while True:
+                    try:
+                        return os.write(fd, data)
+                    except BlockingIOError:
+                        trampoline(fd, write=True)
+
             self._mod = eventlet
-            self._lock = eventlet.semaphore.Semaphore
-            self._rlock = gthreading.RLock
-            self._event = gthreading.Event
-            self._ident = gthreading.get_ident
-            self._spawn = eventlet.spawn_n
+            self._sem = eventlet.semaphore.Semaphore
+            self._rlock = None  # _GreenRLock
+            self._event = None  # _GreenEvent
+            self._spawn = eventlet.spawn
+            self._queue = eventlet.queue.Queue
+            self._nb_read = nb_read
+            self._nb_write = nb_write
+            self._select = eventlet.green.select.select
 
     def get_ident(self):
-        return self._ident()
+        return id(self._getcurrent())
 
     def sleep(self, delay):
         self._mod.sleep(delay)
@@ -162,20 +213,38 @@ class _GreenExecModel(ExecModel):
     def start(self, func, args=()):
         return self._spawn(func, *args)
 
+    def fdopen(self, fd, mode, bufsize=1, closefd=True):
+        if self.backend == "gevent":
+            from gevent.fileobject import FileObject
+
+            return FileObject(fd, mode, bufsize, close=closefd)
+        import eventlet.greenio
+
+        if not closefd:
+            fd = os.dup(fd)
+        return eventlet.greenio.GreenPipe(fd, mode, bufsize)
+
     def Lock(self):
-        return self._lock()
+        return self._sem(1)
 
     def RLock(self):
+        if self._rlock is None:
+            return _GreenRLock(self)
         return self._rlock()
 
     def Event(self):
+        if self._event is None:
+            return _GreenEvent(self)
         return self._event()
 
     def Condition(self, lock=None):
-        if self.backend == "gevent":
-            import gevent._threading  # noqa: F401 - cooperative under monkeypatch
+        return _GreenCondition(self, lock)
 
-        return threading.Condition(lock)
+    def Queue(self, maxsize=0):
+        return self._queue(maxsize)
+
+    def select(self, rlist, wlist, xlist, timeout=None):
+        return self._select(rlist, wlist, xlist, timeout)
 
     def PopenPiped(self, args, **kwargs):
         if self.backend == "gevent":
@@ -185,6 +254,139 @@ class _GreenExecModel(ExecModel):
         return sp.Popen(args, **kwargs)
 
 
+class _GreenCondition:
+    """A condition variable whose waits park the greenlet (one waiter
+    semaphore per wait), over any lock with acquire/release."""
+
+    def __init__(self, model, lock=None):
+        import collections
+
+        self._sem = model._sem
+        self._lock = lock if lock is not None else model.Lock()
+        self._waiters = collections.deque()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def acquire(self, *args, **kwargs):
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+
+    def wait(self, timeout=None):
+        """Release the lock, wait for a notify (or ``timeout``), reacquire;
+        return False on timeout."""
+        waiter = self._sem(0)
+        self._waiters.append(waiter)
+        self._lock.release()
+        got = False
+        try:
+            got = waiter.acquire(True, timeout)
+        finally:
+            self._lock.acquire()
+            if not got:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    got = True  # notified as the timeout passed
+        return got
+
+    def wait_for(self, predicate, timeout=None):
+        import time
+
+        result = predicate()
+        if result or (timeout is not None and timeout <= 0):
+            return result
+        endtime = None
+        if timeout is not None:
+            endtime = time.monotonic() + timeout
+        while not result:
+            if endtime is not None:
+                timeout = endtime - time.monotonic()
+                if timeout <= 0:
+                    break
+            self.wait(timeout)
+            result = predicate()
+        return result
+
+    def notify(self, n=1):
+        waiters = self._waiters
+        while waiters and n > 0:
+            waiters.popleft().release()
+            n -= 1
+
+    def notify_all(self):
+        self.notify(len(self._waiters))
+
+
+class _GreenRLock:
+    """A reentrant lock owned by a greenlet (eventlet has none of its own)."""
+
+    def __init__(self, model):
+        self._block = model._sem(1)
+        self._getcurrent = model._getcurrent
+        self._owner = None
+        self._count = 0
+
+    def acquire(self, blocking=True, timeout=None):
+        me = self._getcurrent()
+        if self._owner is me:
+            self._count += 1
+            return True
+        if timeout is not None and timeout < 0:
+            timeout = None
+        if blocking:
+            ok = self._block.acquire(True, timeout)
+        else:
+            ok = self._block.acquire(False)
+        if ok:
+            self._owner = me
+            self._count = 1
+        return ok
+
+    def release(self):
+        if self._owner is not self._getcurrent():
+            raise RuntimeError("cannot release un-acquired lock")
+        self._count -= 1
+        if not self._count:
+            self._owner = None
+            self._block.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class _GreenEvent:
+    """threading.Event's interface on a _GreenCondition (for eventlet)."""
+
+    def __init__(self, model):
+        self._cond = _GreenCondition(model)
+        self._flag = False
+
+    def is_set(self):
+        return self._flag
+
+    isSet = is_set
+
+    def set(self):
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self):
+        with self._cond:
+            self._flag = False
+
+    def wait(self, timeout=None):
+        with self._cond:
+            return self._cond.wait_for(lambda: self._flag, timeout)
 _execmodels = {}
 
 
@@ -578,6 +780,18 @@ class ChannelQueue:
         return len(self._items)
 
 
+class _GreenChannelQueue(ChannelQueue):
+    """The pure ChannelQueue on a green condition (gevent/eventlet): a
+    blocking get() parks the greenlet instead of the hub's thread."""
+
+    def __init__(self, execmodel):
+        import collections
+
+        self._cond = execmodel.Condition(execmodel.Lock())
+        self._items = collections.deque()
+        self._closed = False
+
+
 # ---------------------------------------------------------------------------
 # channels
 
@@ -596,7 +810,7 @@ class Channel:
         assert isinstance(id, int)
         self.gateway = gateway
         self.id = id
-        self._queue = ChannelQueue()
+        self._queue = gateway._queue_factory()
         self._closed = False  # no more sends from this side
         self._callback = None
         self._remoteerrors = []
@@ -742,8 +956,8 @@ class ChannelFactory:
     def __init__(self, gateway, startcount=1):
         self._channels = weakref.WeakValueDictionary()
         self._callbacks = {}
-        self._writelock = threading.RLock()
-        self._dispatchlock = threading.RLock()
+        self._writelock = gateway.execmodel.RLock()
+        self._dispatchlock = gateway.execmodel.RLock()
         self.gateway = gateway
         self.count = startcount
         self.finished = False
@@ -943,11 +1157,18 @@ class _Engine:
     def clear_route(self, channelid):
         self._routes.pop(channelid, None)
 
+    _queue_type = None  # the routed queues' class; None: ChannelQueue
+
+    def _reader(self):
+        """Return ``read(n)``: n bytes from the read fd, fewer at EOF."""
+        return os.fdopen(self.rfd, "rb", 65536, closefd=False).read
+
     def run_receiver(self, dispatch, channel_factory, callback_error, lock):
         """Read and dispatch frames until EOF, an error, or dispatch()
         returns True; return the reason: an exception instance, or None
         after a GATEWAY_TERMINATE.  ``lock`` is held while delivering."""
-        read = os.fdopen(self.rfd, "rb", 65536, closefd=False).read
+        read = self._reader()
+        queue_type = self._queue_type or ChannelQueue
         routes = self._routes
         while True:
             head = read(9)
@@ -970,7 +1191,7 @@ class _Engine:
                         continue
                     item = _loads_payload(payload, channel_factory,
                                           self.py2str_as_py3str)
-                    if type(target) is ChannelQueue:
+                    if type(target) is queue_type:
                         target.put(item)
                     else:
                         try:
@@ -980,6 +1201,56 @@ class _Engine:
                     item = target = None
                 except DataFormatError as exc:
                     return exc
+
+
+class _GreenEngine(_Engine):
+    """The pure engine for gevent/eventlet gateways.
+
+    Both fds are made non-blocking and go through the model's cooperative
+    ``nb_read``/``nb_write``, and the send lock is the model's, so a full
+    or empty pipe parks the greenlet that waits on it, never the hub.
+    Routed queues are _GreenChannelQueue.
+    """
+
+    _queue_type = _GreenChannelQueue
+
+    def __init__(self, rfd, wfd, execmodel):
+        super().__init__(rfd, wfd)
+        self._lock = execmodel.Lock()
+        self._nb_read = execmodel._nb_read
+        self._nb_write = execmodel._nb_write
+        for fd in {rfd, wfd}:
+            os.set_blocking(fd, False)
+
+    def send(self, msgcode, channelid, obj=None):
+        if obj is None and msgcode != Message.CHANNEL_DATA:
+            data = _frame(msgcode, channelid)
+        else:
+            data = _frame_obj(msgcode, channelid, obj)
+        write = self._nb_write
+        with self._lock:
+            if self._closed:
+                raise OSError("cannot send (already closed?)")
+            view = memoryview(data)
+            while view:
+                view = view[write(self.wfd, view):]
+
+    def _reader(self):
+        rfd = self.rfd
+        nb_read = self._nb_read
+        buf = bytearray()
+
+        def read(n):
+            while len(buf) < n:
+                chunk = nb_read(rfd, min(max(n - len(buf), 65536), 262144))
+                if not chunk:
+                    break
+                buf.extend(chunk)
+            data = bytes(buf[:n])
+            del buf[:n]
+            return data
+
+        return read
 
 
 def _close_fd(fd):
@@ -1006,11 +1277,19 @@ class BaseGateway:
         self.id = id
         self._strconfig = (False, False)
         self._pending_last_messages = []
-        self._engine = _Engine(rfd, wfd)
+        model = self.execmodel
+        if model._green:
+            # a blocking native call would stall the hub: the pure engine,
+            # on the library's cooperative I/O and primitives
+            self._engine = _GreenEngine(rfd, wfd, model)
+            self._queue_factory = lambda: _GreenChannelQueue(model)
+        else:
+            self._engine = _Engine(rfd, wfd)
+            self._queue_factory = ChannelQueue
         self._channelfactory = ChannelFactory(self, _startcount)
-        self._receivelock = threading.RLock()
+        self._receivelock = model.RLock()
         self._receivethread = None
-        self._receive_done = threading.Event()
+        self._receive_done = model.Event()
         self._receive_reason = None
 
     def _trace(self, *msg):
@@ -1035,6 +1314,9 @@ class BaseGateway:
         self._engine.send(msgcode, channelid, data)
 
     def _initreceive(self):
+        if self.execmodel._green:
+            self._receivethread = self.execmodel.start(self._thread_receiver)
+            return
         self._receivethread = threading.Thread(
             target=self._thread_receiver, name="execnet-receiver-%s" % self.id,
             daemon=True)
@@ -1115,8 +1397,12 @@ class BaseGateway:
 
     def join(self, timeout=None):
         """Wait for the receiver thread to end."""
-        current = threading.current_thread()
         t = self._receivethread
+        if self.execmodel._green:
+            if t is not None and t is not self.execmodel._getcurrent():
+                self._receive_done.wait(timeout)
+            return
+        current = threading.current_thread()
         if t is not None and t is not current and t.is_alive():
             t.join(timeout)
 
@@ -1145,7 +1431,7 @@ class WorkerGateway(BaseGateway):
         import collections
 
         self._tasks = collections.deque()
-        self._tasks_cond = threading.Condition()
+        self._tasks_cond = self.execmodel.Condition()
         self._executing = 0
         self._stopping = False
 
@@ -1233,6 +1519,14 @@ def _worker_grace():
 
 def serve(rfd, wfd, id="<worker>", execmodel="thread"):
     """Entry point on the remote side, after the bootstrap handshake."""
+    if execmodel == "eventlet":
+        import warnings
+
+        # eventlet warns at import that it is deprecated: from every worker
+        # that would reach the master's stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_execmodel(execmodel)
     gw = WorkerGateway(rfd, wfd, id, execmodel)
     gw.serve()
 
@@ -1266,7 +1560,6 @@ def _use_native():
     ChannelQueue = _execnet.ChannelQueue
     _Engine = _execnet.Engine
     backend = "c"
-
 
 
 _use_native()
