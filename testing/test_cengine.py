@@ -1,0 +1,922 @@
+"""C-only tests of the native hot path: ``_execnet.ChannelQueue`` and
+``_execnet.Engine`` (framing, coalesced sends, the receiver loop).
+
+The queue tests run against both queue classes (the pure
+``gateway_base._PyChannelQueue`` and the C one): their semantics must be
+identical.  Engine tests talk over ``os.pipe()`` pairs, compare bytes with
+the pure frame format, feed the receiver hostile input, and cross the C
+engine with the pure one -- in-process and over real gateways in both
+directions.
+
+The module errors (rather than skips) when the core cannot be imported,
+unless ``EXECNET_NO_EXTENSIONS`` asks for the pure engine.
+"""
+import gc
+import os
+import random
+import signal
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+from execnet import gateway_base
+
+if os.environ.get("EXECNET_NO_EXTENSIONS"):
+    pytest.skip("EXECNET_NO_EXTENSIONS is set: pure engine only",
+                allow_module_level=True)
+
+from execnet import _execnet  # noqa: E402 - a broken build must error
+
+from conftest import run_python  # noqa: E402
+
+pytestmark = pytest.mark.c_extension
+
+DATA = gateway_base.Message.CHANNEL_DATA
+CLOSE = gateway_base.Message.CHANNEL_CLOSE
+HEADER = struct.Struct("!bii")
+LoadError = gateway_base.LoadError
+TimeoutError = gateway_base.TimeoutError
+
+
+def test_native_engine_is_in_use():
+    assert gateway_base.backend == "c"
+    assert gateway_base.ChannelQueue is _execnet.ChannelQueue
+    assert gateway_base._Engine is _execnet.Engine
+
+
+# ---------------------------------------------------------------------------
+# ChannelQueue: the same behaviour as the pure class
+
+
+@pytest.fixture(params=["python", "c"])
+def Queue(request):
+    if request.param == "python":
+        return gateway_base._PyChannelQueue
+    return _execnet.ChannelQueue
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT raises KeyboardInterrupt in the main thread, as by default."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def later(delay, func, *args):
+    t = threading.Timer(delay, func, args)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def sigint_main_later(delay):
+    return later(delay, signal.pthread_kill, threading.main_thread().ident,
+                 signal.SIGINT)
+
+
+def test_queue_fifo_and_len(Queue):
+    q = Queue()
+    assert len(q) == 0
+    for i in range(100):
+        assert q.put(i) is True
+    assert len(q) == 100
+    assert [q.get() for _ in range(100)] == list(range(100))
+    assert len(q) == 0
+
+
+def test_queue_close_semantics(Queue):
+    q = Queue()
+    assert not q.is_closed()
+    q.put("a")
+    q.put("b")
+    assert q.close() is True
+    assert q.close() is False
+    assert q.is_closed()
+    assert q.put("c") is False  # dropped
+    assert len(q) == 2
+    assert q.get() == "a"
+    assert q.get(timeout=0) == "b"
+    with pytest.raises(EOFError) as excinfo:
+        q.get()
+    assert excinfo.value.args == ()
+    with pytest.raises(EOFError):
+        q.get(timeout=0)
+
+
+def test_queue_drain(Queue):
+    q = Queue()
+    assert q.drain() == []
+    items = [1, "x", None, (2, 3)]
+    for x in items:
+        q.put(x)
+    assert q.drain() == items
+    assert len(q) == 0
+    q.put(5)
+    q.close()
+    assert q.drain() == [5]
+    with pytest.raises(EOFError):
+        q.get()
+
+
+def test_queue_timeout_message(Queue):
+    q = Queue()
+    with pytest.raises(TimeoutError) as excinfo:
+        q.get(0.01)
+    assert str(excinfo.value) == "no item after 0.01 seconds"
+    with pytest.raises(TimeoutError) as excinfo:
+        q.get(timeout=0)
+    assert str(excinfo.value) == "no item after 0 seconds"
+    with pytest.raises(TimeoutError):
+        q.get(-1)
+    assert isinstance(excinfo.value, OSError)
+
+
+def test_queue_get_timeout_accuracy(Queue):
+    q = Queue()
+    for timeout in (0.05, 0.3):
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            q.get(timeout)
+        elapsed = time.monotonic() - t0
+        assert timeout - 0.005 <= elapsed < timeout + 0.25
+
+
+def test_queue_wait_closed(Queue):
+    q = Queue()
+    t0 = time.monotonic()
+    assert q.wait_closed(0.05) is False
+    assert time.monotonic() - t0 >= 0.045
+    assert q.wait_closed(timeout=0) is False
+    later(0.05, q.close)
+    assert q.wait_closed(10) is True
+    assert q.wait_closed() is True
+    assert q.wait_closed(0) is True
+
+
+def test_queue_get_wakes_on_put_and_close(Queue):
+    q = Queue()
+    later(0.05, q.put, 42)
+    assert q.get(10) == 42
+    later(0.05, q.close)
+    with pytest.raises(EOFError):
+        q.get(10)
+
+
+def test_queue_close_wakes_every_getter_and_waiter(Queue):
+    q = Queue()
+    results = []
+    lock = threading.Lock()
+
+    def getter():
+        try:
+            q.get(20)
+        except EOFError:
+            with lock:
+                results.append("eof")
+
+    def waiter():
+        ok = q.wait_closed(20)
+        with lock:
+            results.append(ok)
+
+    threads = [threading.Thread(target=getter) for _ in range(6)]
+    threads += [threading.Thread(target=waiter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    q.close()
+    for t in threads:
+        t.join(10)
+    assert sorted(map(str, results)) == ["True"] * 3 + ["eof"] * 6
+
+
+def test_queue_many_producers_and_consumers(Queue):
+    q = Queue()
+    nprod, ncons, per = 4, 4, 5000
+    got = [[] for _ in range(ncons)]
+
+    def producer(p):
+        for i in range(per):
+            q.put((p, i))
+
+    def consumer(c):
+        while True:
+            try:
+                got[c].append(q.get(20))
+            except EOFError:
+                return
+
+    cons = [threading.Thread(target=consumer, args=(c,)) for c in range(ncons)]
+    prods = [threading.Thread(target=producer, args=(p,)) for p in range(nprod)]
+    for t in cons + prods:
+        t.start()
+    for t in prods:
+        t.join(30)
+    q.close()
+    for t in cons:
+        t.join(30)
+    assert not any(t.is_alive() for t in cons)
+    allitems = [x for g in got for x in g]
+    assert sorted(allitems) == sorted((p, i) for p in range(nprod) for i in range(per))
+    for g in got:  # each consumer sees each producer's items in order
+        for p in range(nprod):
+            seq = [i for (pp, i) in g if pp == p]
+            assert seq == sorted(seq)
+
+
+def test_queue_get_interrupted_by_sigint(Queue, sigint_default):
+    q = Queue()
+    sigint_main_later(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        q.get(30)
+    assert time.monotonic() - t0 < 5
+    # the queue still works afterwards
+    q.put(1)
+    assert q.get(1) == 1
+
+
+def test_queue_get_without_timeout_interrupted_by_sigint(Queue, sigint_default):
+    q = Queue()
+    sigint_main_later(0.1)
+    with pytest.raises(KeyboardInterrupt):
+        q.get()
+
+
+def test_queue_wait_closed_interrupted_by_sigint(Queue, sigint_default):
+    q = Queue()
+    sigint_main_later(0.1)
+    with pytest.raises(KeyboardInterrupt):
+        q.wait_closed(30)
+
+
+def test_queue_get_survives_a_quiet_signal_handler(Queue):
+    calls = []
+    old = signal.signal(signal.SIGINT, lambda *args: calls.append(args[0]))
+    try:
+        q = Queue()
+        sigint_main_later(0.05)
+        later(0.3, q.put, "after")
+        assert q.get(10) == "after"
+        assert calls == [signal.SIGINT]
+        # and a timeout still ends the wait when the handler keeps quiet
+        sigint_main_later(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            q.get(0.3)
+        assert 0.29 <= time.monotonic() - t0 < 2
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_c_queue_args_and_gc():
+    Q = _execnet.ChannelQueue
+    with pytest.raises(TypeError):
+        Q(1)
+    q = Q()
+    with pytest.raises(TypeError):
+        q.get(1, 2)
+    with pytest.raises(TypeError):
+        q.get(bogus=1)
+    with pytest.raises(ValueError):
+        q.get(float("nan"))
+    assert q.wait_closed(timeout=0.001) is False
+    # a queue holding itself is a cycle the GC breaks
+    q.put(q)
+    assert q in gc.get_referents(q)
+    del q
+    gc.collect()
+    # a big burst gives its memory back when drained
+    q = Q()
+    for i in range(100000):
+        q.put(i)
+    assert len(q.drain()) == 100000
+    q.put(1)
+    assert q.get() == 1
+
+
+# ---------------------------------------------------------------------------
+# Engine: helpers
+
+
+def pure_frame(msgcode, channelid, obj=None):
+    if obj is None and msgcode != DATA:
+        payload = b""
+    else:
+        payload = gateway_base._py_dumps_payload(obj)
+    return HEADER.pack(msgcode, channelid, len(payload)) + payload
+
+
+def read_all(fd):
+    chunks = []
+    while True:
+        b = os.read(fd, 1 << 20)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def split_frames(data):
+    frames = []
+    pos = 0
+    while pos < len(data):
+        msgcode, chid, length = HEADER.unpack_from(data, pos)
+        pos += 9
+        frames.append((msgcode, chid, data[pos:pos + length]))
+        assert len(frames[-1][2]) == length, "truncated frame"
+        pos += length
+    return frames
+
+
+class Reader(threading.Thread):
+    """Collect everything written to a pipe until EOF."""
+
+    def __init__(self, fd):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.data = None
+        self.start()
+
+    def run(self):
+        self.data = read_all(self.fd)
+
+    def result(self, timeout=30):
+        self.join(timeout)
+        assert not self.is_alive()
+        return self.data
+
+
+@pytest.fixture
+def fds():
+    """Register fds to close at teardown."""
+    opened = []
+
+    def pipe():
+        r, w = os.pipe()
+        opened.extend((r, w))
+        return r, w
+
+    yield pipe
+    for fd in opened:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Receiver:
+    """run_receiver() in a thread, with recording dispatch/callback_error."""
+
+    def __init__(self, engine, stop_on=(), dispatch=None):
+        self.engine = engine
+        self.lock = threading.RLock()
+        self.dispatched = []
+        self.callback_errors = []
+        self.reason = "running"
+        self.raised = None
+        self.channels = []
+        self._stop_on = stop_on
+        self._dispatch = dispatch
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def dispatch(self, msgcode, channelid, payload):
+        assert self.lock._is_owned()
+        assert type(payload) is bytes
+        if self._dispatch is not None:
+            return self._dispatch(msgcode, channelid, payload)
+        self.dispatched.append((msgcode, channelid, payload))
+        return msgcode in self._stop_on
+
+    def factory(self, chid):
+        self.channels.append(chid)
+        return ("channel", chid)
+
+    def callback_error(self, channelid, exc):
+        self.callback_errors.append((channelid, exc))
+
+    def _run(self):
+        try:
+            self.reason = self.engine.run_receiver(
+                self.dispatch, self.factory, self.callback_error, self.lock)
+        except BaseException as exc:  # noqa: B036 - recorded for the test
+            self.raised = exc
+
+    def join(self, timeout=30):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "receiver did not stop"
+        return self.reason
+
+
+def c_pair(fds):
+    """Two C engines connected both ways: (a, b)."""
+    a2b_r, a2b_w = fds()
+    b2a_r, b2a_w = fds()
+    return _execnet.Engine(b2a_r, a2b_w), _execnet.Engine(a2b_r, b2a_w)
+
+
+# ---------------------------------------------------------------------------
+# Engine: sending
+
+
+SAMPLES = [
+    (DATA, 1, None),
+    (DATA, 1, 0),
+    (DATA, 3, -5),
+    (DATA, 5, 2 ** 70),
+    (DATA, 7, "hé"),
+    (DATA, 9, b"raw"),
+    (DATA, 11, [1, (2, "x"), {"k": {3}}, frozenset([4])]),
+    (DATA, -2147483648, 1.5),
+    (DATA, 2147483647, complex(1, 2)),
+    (DATA, 2, b"z" * 70000),          # big bytes: the writev path
+    (DATA, 4, b"y" * 65535),
+    (DATA, 6, [b"w" * 100000]),
+    (CLOSE, 3, None),
+    (gateway_base.Message.GATEWAY_TERMINATE, 0, None),
+    (gateway_base.Message.CHANNEL_CLOSE_ERROR, 5, "traceback text"),
+    (gateway_base.Message.CHANNEL_EXEC, 1, ("src", None, None, {})),
+    (-1, 0, None),
+    (127, 0, True),
+]
+
+
+def test_send_writes_the_pure_frame_format(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    for msgcode, chid, obj in SAMPLES:
+        engine.send(msgcode, chid, obj)
+    engine.send(DATA, 8)  # obj defaults to None, still serialized for DATA
+    engine.send(CLOSE, 8)
+    engine.close_write()
+    expected = b"".join(pure_frame(*s) for s in SAMPLES)
+    expected += pure_frame(DATA, 8, None) + pure_frame(CLOSE, 8)
+    assert reader.result() == expected
+
+
+def test_send_argument_errors(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    with pytest.raises(ValueError):
+        engine.send(128, 1, 1)
+    with pytest.raises(OverflowError):
+        engine.send(DATA, 2 ** 31, 1)
+    with pytest.raises(TypeError):
+        engine.send(DATA)
+    with pytest.raises(TypeError):
+        engine.send("4", 1, 1)
+    assert engine.rfd == r and engine.wfd == w
+    engine.py2str_as_py3str = 1
+    assert engine.py2str_as_py3str is True
+    engine.py2str_as_py3str = False
+    assert engine.py2str_as_py3str is False
+
+
+def test_dump_error_leaves_the_stream_clean(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    engine.send(DATA, 1, "before")
+    with pytest.raises(gateway_base.DumpError):
+        engine.send(DATA, 1, [1, 2, object()])
+    with pytest.raises(gateway_base.DumpError):
+        engine.send(DATA, 1, "\udc80")
+    engine.send(DATA, 1, "after")
+    engine.close_write()
+    assert reader.result() == pure_frame(DATA, 1, "before") + pure_frame(DATA, 1, "after")
+
+
+def test_send_after_close_write_raises(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    engine.close_write()
+    engine.close_write()  # idempotent
+    with pytest.raises(OSError) as excinfo:
+        engine.send(DATA, 1, 1)
+    assert str(excinfo.value) == "cannot send (already closed?)"
+    with pytest.raises(OSError):
+        engine.send(DATA, 1, b"x" * 100000)
+    with pytest.raises(OSError):
+        os.fstat(w)  # the fd is closed
+    assert os.read(r, 10) == b""
+
+
+def test_send_to_a_dead_peer_raises_epipe(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    os.close(r)
+    for obj in (1, b"x" * 200000):
+        with pytest.raises(OSError) as excinfo:
+            engine.send(DATA, 1, obj)
+        assert excinfo.value.errno == __import__("errno").EPIPE
+    engine.close_write()  # does not raise
+
+
+def test_close_write_flushes_pending_frames(fds):
+    """A writer blocked on a full pipe takes other threads' frames; they
+    return at once, and close_write() writes everything before closing."""
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    pipesize = 1 << 20
+    import fcntl
+    pipesize = max(pipesize, fcntl.fcntl(w, 1032))  # F_GETPIPE_SZ
+    big = b"B" * (pipesize * 2)
+    writer = threading.Thread(target=engine.send, args=(DATA, 1, big))
+    writer.start()
+    time.sleep(0.2)
+    assert writer.is_alive()  # blocked: nobody reads yet
+    t0 = time.monotonic()
+    for i in range(100):
+        engine.send(DATA, 3, i)  # handed to the active writer
+    assert time.monotonic() - t0 < 1.0
+    closer = threading.Thread(target=engine.close_write)
+    closer.start()
+    time.sleep(0.1)
+    assert closer.is_alive()  # waits for the flush
+    data = read_all(r)
+    writer.join(10)
+    closer.join(10)
+    frames = split_frames(data)
+    assert frames[0] == (DATA, 1, gateway_base._py_dumps_payload(big))
+    assert [gateway_base._py_loads_payload(p) for (_, _, p) in frames[1:]] == list(range(100))
+
+
+def test_concurrent_senders_do_not_interleave(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    nthreads, per = 8, 1500
+    errors = []
+
+    def sender(t):
+        rnd = random.Random(t)
+        try:
+            for i in range(per):
+                kind = rnd.random()
+                if kind < 0.01:
+                    payload = bytes([t]) * rnd.randrange(65536, 200000)
+                elif kind < 0.3:
+                    payload = "s" * rnd.randrange(0, 3000)
+                else:
+                    payload = i
+                engine.send(DATA, t, (i, payload))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    engine.close_write()
+    assert not errors
+    seen = {t: [] for t in range(nthreads)}
+    for msgcode, chid, payload in split_frames(reader.result()):
+        assert msgcode == DATA
+        i, payload = gateway_base._py_loads_payload(payload)
+        seen[chid].append(i)
+    for t in range(nthreads):
+        assert seen[t] == list(range(per))
+
+
+# ---------------------------------------------------------------------------
+# Engine: the receiver loop
+
+
+def test_receiver_delivers_to_queue_callback_and_dispatch(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+    got = []
+    engine.set_route(1, q)
+    engine.set_route(3, got.append)
+    engine.set_route(5, q)
+    engine.clear_route(5)
+    engine.clear_route(12345)  # unknown ids are fine
+    rec = Receiver(engine, stop_on=(gateway_base.Message.GATEWAY_TERMINATE,))
+    stream = b"".join([
+        pure_frame(DATA, 1, "q1"),
+        pure_frame(DATA, 3, "cb1"),
+        pure_frame(DATA, 5, "unrouted"),
+        pure_frame(CLOSE, 1),
+        pure_frame(DATA, 1, [1, 2]),
+        pure_frame(DATA, 3, ("cb2",)),
+        pure_frame(DATA, 1, 7),
+    ])
+    os.write(w, stream)
+    assert q.get(10) == "q1"
+    assert q.get(10) == [1, 2]
+    assert q.get(10) == 7
+    os.write(w, pure_frame(gateway_base.Message.GATEWAY_TERMINATE, 0)
+             + pure_frame(DATA, 1, "after terminate"))
+    assert rec.join() is None
+    assert got == ["cb1", ("cb2",)]
+    assert rec.dispatched == [
+        (DATA, 5, gateway_base._py_dumps_payload("unrouted")),
+        (CLOSE, 1, b""),
+        (gateway_base.Message.GATEWAY_TERMINATE, 0, b""),
+    ]
+    assert len(q) == 0
+
+
+def test_receiver_callback_errors(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+
+    def bad(item):
+        raise ValueError(item)
+
+    def fatal(item):
+        raise KeyboardInterrupt
+
+    engine.set_route(3, bad)
+    engine.set_route(5, fatal)
+    engine.set_route(1, q)
+    rec = Receiver(engine)
+    os.write(w, pure_frame(DATA, 3, "boom") + pure_frame(DATA, 1, "ok"))
+    assert q.get(10) == "ok"
+    assert len(rec.callback_errors) == 1
+    chid, exc = rec.callback_errors[0]
+    assert chid == 3 and type(exc) is ValueError and exc.args == ("boom",)
+    os.write(w, pure_frame(DATA, 5, "x"))
+    rec.join()
+    assert isinstance(rec.raised, KeyboardInterrupt)
+
+
+def test_receiver_channel_factory_and_py2str(fds):
+    # a channel opcode calls channel_factory, even when the payload then
+    # turns out to be bad (no STOP opcode): LoadError ends the loop
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    engine.set_route(1, _execnet.ChannelQueue())
+    rec = Receiver(engine)
+    os.write(w, HEADER.pack(DATA, 1, 5) + b"B\x00\x00\x00\x08")
+    assert isinstance(rec.join(), LoadError)
+    assert rec.channels == [8]
+
+    m_payload = b"M\x00\x00\x00\x02\xe9tQ"
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+    engine.set_route(1, q)
+    rec = Receiver(engine)
+    chan = b"B\x00\x00\x00\x08"
+    payload = chan + b"F\x00\x00\x00\x01" + b"@\x00\x00\x00\x02Q"
+    os.write(w, HEADER.pack(DATA, 1, len(payload)) + payload)
+    assert q.get(10) == (("channel", 8), 1)
+    os.write(w, HEADER.pack(DATA, 1, len(m_payload)) + m_payload)
+    assert q.get(10) == b"\xe9t"
+    engine.py2str_as_py3str = True
+    os.write(w, HEADER.pack(DATA, 1, len(m_payload)) + m_payload)
+    assert q.get(10) == "\xe9t"
+    os.close(w)
+    assert str(rec.join()) == "connection closed"
+
+
+@pytest.mark.parametrize("stream, cls, message", [
+    (b"", EOFError, "connection closed"),
+    (HEADER.pack(DATA, 1, 4)[:5], EOFError,
+     "connection closed inside a frame header"),
+    (HEADER.pack(DATA, 1, 4) + b"F\x00", EOFError,
+     "connection closed inside a frame"),
+    (HEADER.pack(DATA, 1, -1), LoadError, "negative frame length -1"),
+    (HEADER.pack(DATA, 1, 3) + b"XYZ", LoadError, None),        # garbage
+    (HEADER.pack(DATA, 1, 0), LoadError, None),                 # empty
+    (HEADER.pack(DATA, 1, 6) + b"LQLQLQ", LoadError, None),      # trailing
+])
+def test_receiver_end_reasons(fds, stream, cls, message):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    engine.set_route(1, _execnet.ChannelQueue())
+    rec = Receiver(engine)
+    os.write(w, pure_frame(CLOSE, 9) + stream)
+    os.close(w)
+    reason = rec.join()
+    assert type(reason) is cls
+    if message is not None:
+        assert str(reason) == message
+    assert rec.raised is None
+    assert rec.dispatched == [(CLOSE, 9, b"")]
+
+
+def test_receiver_dispatch_errors(fds):
+    # a DataFormatError from dispatch is the reason the loop ends ...
+    r, w = fds()
+
+    def dispatch(msgcode, channelid, payload):
+        raise LoadError("bad payload %r" % (payload,))
+
+    rec = Receiver(_execnet.Engine(r, w), dispatch=dispatch)
+    os.write(w, pure_frame(CLOSE, 1))
+    reason = rec.join()
+    assert type(reason) is LoadError and "bad payload" in str(reason)
+
+    # ... any other exception propagates
+    r, w = fds()
+
+    def dispatch2(msgcode, channelid, payload):
+        raise ZeroDivisionError
+
+    rec = Receiver(_execnet.Engine(r, w), dispatch=dispatch2)
+    os.write(w, pure_frame(CLOSE, 1))
+    rec.join()
+    assert isinstance(rec.raised, ZeroDivisionError)
+
+
+def test_receiver_big_bytes_read_straight_into_the_object(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+    engine.set_route(1, q)
+    rec = Receiver(engine)
+    big = os.urandom(3 << 20)
+    frame = pure_frame(DATA, 1, big)
+    # in pieces, so the receiver sees a partial frame and switches over
+    pieces = [frame[:20], frame[20:70000], frame[70000:-1], frame[-1:]]
+    for piece in pieces:
+        os.write(w, piece)
+        time.sleep(0.02)
+    assert q.get(10) == big
+    os.write(w, frame[:100])
+    time.sleep(0.05)
+    os.write(w, frame[100:] + pure_frame(DATA, 1, "next"))
+    assert q.get(10) == big
+    assert q.get(10) == "next"
+    assert rec.dispatched == []
+    # unrouted, the same frame goes to dispatch as its payload bytes
+    engine.clear_route(1)
+    os.write(w, frame[:100])
+    time.sleep(0.05)
+    os.write(w, frame[100:])
+    deadline = time.monotonic() + 10
+    while not rec.dispatched and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # a wrong byte instead of the final STOP opcode
+    bad = bytearray(frame)
+    bad[-1] = ord("L")
+    engine.set_route(1, q)
+    os.write(w, bytes(bad[:100]))
+    time.sleep(0.05)
+    os.write(w, bytes(bad[100:]))
+    reason = rec.join()
+    assert type(reason) is LoadError
+    assert rec.dispatched == [(DATA, 1, gateway_base._py_dumps_payload(big))]
+
+
+def test_receiver_stops_when_the_peer_closes(fds):
+    a, b = c_pair(fds)
+    rec = Receiver(b)
+    a.send(DATA, 1, "unrouted")
+    a.close_write()
+    assert str(rec.join()) == "connection closed"
+    assert len(rec.dispatched) == 1
+
+
+def test_receiver_refuses_to_run_twice(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    rec = Receiver(engine)
+    time.sleep(0.1)
+    with pytest.raises(RuntimeError):
+        engine.run_receiver(None, None, None, threading.RLock())
+    os.close(w)
+    rec.join()
+
+
+def test_20mib_both_ways(fds):
+    a, b = c_pair(fds)
+    qa, qb = _execnet.ChannelQueue(), _execnet.ChannelQueue()
+    a.set_route(1, qa)
+    b.set_route(2, qb)
+    ra, rb = Receiver(a), Receiver(b)
+    blob_ab = os.urandom(20 << 20)
+    blob_ba = blob_ab[::-1]
+    t = threading.Thread(target=b.send, args=(DATA, 1, blob_ba))
+    t.start()
+    a.send(DATA, 2, blob_ab)
+    t.join(30)
+    assert qb.get(30) == blob_ab
+    assert qa.get(30) == blob_ba
+    a.close_write()
+    b.close_write()
+    assert str(ra.join()) == "connection closed"
+    assert str(rb.join()) == "connection closed"
+
+
+def test_many_small_messages_both_ways(fds):
+    a, b = c_pair(fds)
+    qa, qb = _execnet.ChannelQueue(), _execnet.ChannelQueue()
+    a.set_route(1, qa)
+    b.set_route(2, qb)
+    ra, rb = Receiver(a), Receiver(b)
+    n = 20000
+
+    def pump(engine, chid):
+        for i in range(n):
+            engine.send(DATA, chid, i)
+
+    t = threading.Thread(target=pump, args=(b, 1))
+    t.start()
+    pump(a, 2)
+    assert [qb.get(30) for _ in range(n)] == list(range(n))
+    assert [qa.get(30) for _ in range(n)] == list(range(n))
+    t.join(30)
+    a.close_write()
+    b.close_write()
+    ra.join()
+    rb.join()
+
+
+# ---------------------------------------------------------------------------
+# C engine <-> pure engine
+
+
+@pytest.mark.parametrize("direction", ["c-to-pure", "pure-to-c"])
+def test_c_and_pure_engines_talk(fds, direction):
+    r1, w1 = fds()
+    r2, w2 = fds()
+    c = _execnet.Engine(r1, w2)
+    pure = gateway_base._PyEngine(r2, w1)
+    sender, receiver = (c, pure) if direction == "c-to-pure" else (pure, c)
+    got = []
+    receiver.set_route(1, got.append)
+    rec = Receiver(receiver)
+    objs = [s[2] for s in SAMPLES if s[0] == DATA] + list(range(1000))
+    for obj in objs:
+        sender.send(DATA, 1, obj)
+    sender.send(CLOSE, 1)
+    sender.send(DATA, 7, "unrouted")
+    sender.close_write()
+    reason = rec.join()
+    assert isinstance(reason, EOFError)
+    assert got == objs
+    assert rec.dispatched == [(CLOSE, 1, b""),
+                              (DATA, 7, gateway_base._py_dumps_payload("unrouted"))]
+
+
+_BACKEND = """
+import sys
+gb = sys.modules[channel.gateway.__class__.__module__]
+channel.send(gb.backend)
+"""
+
+_EXCHANGE = '''
+_ECHO = """
+for item in channel:
+    channel.send(item)
+"""
+
+
+def _exchange(gw):
+    ch = gw.remote_exec(_ECHO)
+    objs = [1, 2 ** 80, "text", b"raw", None, (1.5, [True]), {"k": {1, 2}},
+            bytes(3 << 20)]
+    for obj in objs:
+        ch.send(obj)
+    for i in range(5000):
+        ch.send(i)
+    for obj in objs:
+        assert ch.receive(30) == obj
+    assert [ch.receive(30) for _ in range(5000)] == list(range(5000))
+    ch.close()
+    ch.waitclose(30)
+'''
+exec(_EXCHANGE)
+
+
+def test_c_master_with_pure_remote(makegateway):
+    gw = makegateway("popen//env:EXECNET_NO_EXTENSIONS=1")
+    assert gw.remote_exec(_BACKEND).receive(30) == "python"
+    assert gateway_base.backend == "c"
+    _exchange(gw)
+
+
+def test_c_master_with_c_remote(makegateway):
+    gw = makegateway("popen")
+    assert gw.remote_exec(_BACKEND).receive(30) == "c"
+    _exchange(gw)
+
+
+def test_pure_master_with_c_remote():
+    code = "\n".join([
+        "import execnet",
+        "from execnet import gateway_base",
+        "assert gateway_base.backend == 'python', gateway_base.backend",
+        "_BACKEND = %r" % (_BACKEND,),
+        _EXCHANGE,
+        "gw = execnet.makegateway('popen//env:EXECNET_NO_EXTENSIONS=')",
+        "assert gw.remote_exec(_BACKEND).receive(30) == 'c'",
+        "_exchange(gw)",
+        "gw.exit()",
+        "gw.join(10)",
+        "print('OK')",
+    ])
+    res = run_python(code, env={"EXECNET_NO_EXTENSIONS": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("OK"), res.stdout + res.stderr
