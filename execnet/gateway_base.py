@@ -241,7 +241,8 @@ class _GreenExecModel(ExecModel):
         return _GreenCondition(self, lock)
 
     def Queue(self, maxsize=0):
-        return self._queue(maxsize)
+        # both libraries read 0 as a rendezvous channel: None is unbounded
+        return self._queue(maxsize if maxsize > 0 else None)
 
     def select(self, rlist, wlist, xlist, timeout=None):
         return self._select(rlist, wlist, xlist, timeout)

@@ -122,6 +122,8 @@ def handshake(io, spec, execmodel, remote_rfd, remote_wfd, timeout=None):
     if timeout is None:
         timeout = bootstrap_timeout()
     deadline = time.monotonic() + timeout
+    # a green local model waits cooperatively (the hub keeps running)
+    wait = getattr(getattr(io, "execmodel", None), "select", select.select)
     src = stage2(spec, remote_rfd, remote_wfd, execmodel)
     try:
         io.write_all(_length_prefixed(src.encode("utf-8")))
@@ -133,7 +135,7 @@ def handshake(io, spec, execmodel, remote_rfd, remote_wfd, timeout=None):
             io.kill()
             raise HostNotFound("%s: no answer from the remote interpreter within "
                                "%.1f s" % (spec, timeout))
-        ready, _, _ = select.select([io.rfd], [], [], left)
+        ready, _, _ = wait([io.rfd], [], [], left)
         if not ready:
             continue
         byte = os.read(io.rfd, 1)

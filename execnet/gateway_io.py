@@ -27,6 +27,7 @@ class Popen2IOMaster:
 
     def __init__(self, spec, execmodel):
         self.spec = spec
+        self.execmodel = execmodel  # the local one: handshake waits with it
         p2c_r, p2c_w = os.pipe()
         c2p_r, c2p_w = os.pipe()
         args = popen_args(spec)

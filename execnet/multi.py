@@ -185,12 +185,17 @@ class MultiChannel:
         return result
 
     def make_receive_queue(self, endmarker=NO_ENDMARKER_WANTED):
-        """A queue.Queue that gets ``(channel, item)`` for every item of
-        every channel (and ``(channel, endmarker)`` at each close)."""
+        """A queue.Queue (the execmodel's queue under gevent/eventlet) that
+        gets ``(channel, item)`` for every item of every channel (and
+        ``(channel, endmarker)`` at each close)."""
         try:
             return self._queue
         except AttributeError:
-            self._queue = q = queue.Queue()
+            if self._channels:
+                q = self._channels[0].gateway.execmodel.Queue()
+            else:
+                q = queue.Queue()
+            self._queue = q
             for ch in self._channels:
                 def putreceived(obj, channel=ch):
                     q.put((channel, obj))
