@@ -77,6 +77,16 @@ def _execnet_boot(r, rfd, wfd):
         sys.modules[mod.__name__] = mod
         exec(compile(source, "<execnet gateway_base>", "exec"), mod.__dict__)
         serve = mod.serve
+    green = %(execmodel)r
+    if green in ("gevent", "eventlet"):
+        import warnings
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                __import__(green)
+        except ImportError as exc:
+            sys.stderr.write("execnet: execmodel " + green + ": " + str(exc) + "\\n")
+            sys.exit(1)
     os.write(wfd, b"1")
     serve(rfd, wfd, %(id)r, %(execmodel)r)
 _execnet_boot(r, %(rfd)d, %(wfd)d)

@@ -4,6 +4,7 @@ remote_exec'd code and the receiver run as greenlets; blocking channel
 operations park the greenlet and let the hub run the others.  Each test runs
 for every model whose library is installed (skipped otherwise).
 """
+import subprocess
 import time
 import warnings
 
@@ -329,6 +330,7 @@ def test_remote_hub_runs_while_a_task_waits(ggw):
 
 
 def test_gateway_creation_keeps_the_hub_running(green, model):
+    # the start-up handshake waits with the model's select
     counter = [0]
     stop = []
 
@@ -340,10 +342,51 @@ def test_gateway_creation_keeps_the_hub_running(green, model):
     _spawn(model, spin)
     try:
         gw = green.makegateway()
-        gw.remote_exec("pass").waitclose(10)
+        during = counter[0]
     finally:
         stop.append(True)
-    assert counter[0] > 0
+    assert during > 3, during
+    gw.remote_exec("pass").waitclose(10)
+
+
+def test_zero_install_remote(model, tmp_path, monkeypatch):
+    # a remote that cannot import our package runs gateway_base from source
+    fake = tmp_path / "execnet"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('not this one')\n")
+    from execnet import gateway_bootstrap
+
+    monkeypatch.setattr(gateway_bootstrap, "PKGDIR", str(tmp_path))
+    group = execnet.Group(execmodel=model)
+    try:
+        gw = group.makegateway()
+        ch = gw.remote_exec("""
+            import sys
+            channel.send((sorted(n for n in sys.modules if "execnet" in n),
+                          channel.gateway.execmodel.backend,
+                          type(channel.gateway._engine).__name__))
+            channel.send(channel.receive() * 2)
+        """)
+        assert ch.receive(10) == (["execnet_gateway_base"], model, "_GreenEngine")
+        ch.send([1])
+        assert ch.receive(10) == [1, 1]
+    finally:
+        group.terminate(timeout=10)
+
+
+def test_remote_without_the_library_fails_start_up(model, otherpython, capfd):
+    probe = subprocess.run([otherpython, "-c", "import " + model],
+                           capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("%s has %s" % (otherpython, model))
+    group = execnet.Group()
+    try:
+        with pytest.raises(execnet.HostNotFound, match="during start-up"):
+            group.makegateway("popen//python=%s//execmodel=%s"
+                              % (otherpython, model))
+    finally:
+        group.terminate(timeout=10)
+    assert "execnet: execmodel %s: " % model in capfd.readouterr().err
 
 
 # -- termination
@@ -374,6 +417,25 @@ def test_terminate_bounded_when_remote_hub_is_stuck(model):
     from conftest import pid_alive
 
     assert not pid_alive(pid)
+
+
+def test_worker_exits_when_the_master_dies(model):
+    from conftest import pid_alive, run_python
+
+    proc = run_python(
+        "import execnet, os\n"
+        "g = execnet.Group(execmodel=%r)\n"
+        "gw = g.makegateway()\n"
+        "ch = gw.remote_exec('channel.send(__import__(\"os\").getpid()); "
+        "channel.receive()')\n"
+        "print(ch.receive(10), flush=True)\n"
+        "os._exit(0)\n" % model, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stdout.split()[-1])
+    deadline = time.monotonic() + 15
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, "worker outlived its master"
+        time.sleep(0.05)
 
 
 # -- mixed models
