@@ -5,39 +5,52 @@
  *
  * Send side (see doc/internals.rst for the full story).
  *
- *   mu    a PyThread lock used as a mutex, held for short spells only.
- *         Guards `fill` (the frames waiting to be written), `spare`,
- *         `wclosed`, `fd_closed`, `broken`, `role_owner`.  A sender
- *         serializes its object straight into `fill` while holding mu
- *         (and the GIL), then patches the frame header.  With the GIL held
- *         mu is only try-acquired; a thread that must block on it releases
- *         the GIL first, so mu and the GIL never deadlock.
- *   role  the writer role, a PyThread lock used as a binary semaphore.
- *         Its holder -- "the writer" -- takes `fill` (swapping in an empty
- *         buffer) under mu and writes it with the GIL released, again and
- *         again until it finds `fill` empty, under mu, and only then
- *         releases the role (and, after close_write(), closes the fd).
+ *   mu        a pthread mutex held for short spells only.  Guards `fill`
+ *             (the frames waiting to be written), `spare`, the flags and
+ *             the writer role's state.  A sender serializes its object
+ *             straight into `fill` while holding mu (and the GIL), then
+ *             patches the frame header.  With the GIL held mu is only
+ *             try-locked; a thread that must block on it releases the GIL
+ *             first, and mu's holders never wait for the GIL, so the two
+ *             never deadlock.
+ *   the writer role  `writer_active` (under mu).  Its holder -- "the
+ *             writer" -- takes `fill` (swapping in an empty buffer) under
+ *             mu and writes it with the GIL released, again and again
+ *             until it finds `fill` empty, under mu, and only then gives
+ *             the role up (and, after close_write(), closes the fd).
+ *   role_sem  a PyThread lock used as a semaphore, for the threads that
+ *             must wait for the role (`role_waiters` of them): a writer
+ *             that ends while some wait hands the role over by releasing
+ *             role_sem instead of clearing writer_active.  Waiting on it
+ *             is interruptible (PY_LOCK_INTR) and GIL-free.
  *
- * A sender appends under mu, then tries the role (under mu).  If it gets
- * it, it writes (its frame and whatever others appended meanwhile); if not,
- * somebody else is the writer and is bound to see the frame before giving
- * the role up, so send() returns at once: small sends from many threads
- * coalesce into one write().  A sender that finds more than HIGH_WATER
- * bytes pending waits for the role instead (backpressure), so `fill`
- * stays bounded.  A bytes object of BIG_BYTES or more is not copied: its
- * sender waits for the role and writes pending frames, the frame header,
- * the object's own buffer and the final 'Q' with one writev().
+ * A sender appends under mu, then looks at the role (under mu).  If it is
+ * free, the sender takes it and writes (its frame and whatever others
+ * appended meanwhile); if not, the writer is bound to see the frame before
+ * giving the role up, so send() returns at once: small sends from many
+ * threads coalesce into one write().  A sender that finds more than
+ * HIGH_WATER bytes pending waits for the role instead (backpressure), so
+ * `fill` stays bounded.  A bytes object of BIG_BYTES or more is not
+ * copied: its sender waits for the role and writes the pending frames,
+ * the frame header, the object's own buffer and the final 'Q' with one
+ * writev().
+ *
+ * mu is a plain pthread mutex, not a PyThread lock: on Linux every
+ * PyThread_acquire_lock*() call reads the monotonic clock to compute a
+ * deadline, even for a try-lock, and that was a fifth of a small send.
  *
  * Receive side: run_receiver() reads into a buffer with the GIL released,
  * then, with the GIL, delivers every complete frame in it in order while
  * holding the caller's dispatch lock once per batch.
  *
- * Only fdio.c functions and PyThread lock calls run without the GIL.
+ * Without the GIL run only fdio.c functions, the mutex and PyThread lock
+ * calls, memcpy/malloc/free on our own buffers.
  */
 #include "_execnet.h"
 
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <structmember.h>
 
@@ -225,23 +238,27 @@ typedef struct {
     route_map routes;           /* GIL */
 
     /* Send side; see the top of the file. */
-    PyThread_type_lock mu;
-    PyThread_type_lock role;
+    pthread_mutex_t mu;
+    int mu_ready;               /* mu was initialized */
+    PyThread_type_lock role_sem;
+    int writer_active;          /* mu; the writer role is taken */
+    int role_waiters;           /* mu; threads waiting on role_sem */
     exn_rawbuf fill;            /* mu */
     exn_rawbuf spare;           /* mu; an empty buffer kept for reuse */
     int wclosed;                /* mu; close_write() ran: sends raise */
     int fd_closed;              /* mu; wfd is closed */
     int broken;                 /* mu; frames were lost: sends raise */
     unsigned long mu_owner;     /* thread serializing under mu, or 0 */
-    unsigned long role_owner;   /* thread holding the role, or 0 */
+    unsigned long role_owner;   /* mu; thread holding the role, or 0
+                                   (0 too while it is handed over) */
     PyObject *deferred;         /* GIL; frames (bytes) sent from code that
                                    ran while this thread serialized */
 
     int receiving;              /* GIL; run_receiver() is running */
 } EngineObject;
 
-/* mu_owner and role_owner are written by their owner only; other threads
-   read them just to compare with their own id, so relaxed atomics do. */
+/* mu_owner is written by mu's holder only; other threads read it without
+   mu just to compare it with their own id, so relaxed atomics do. */
 static inline unsigned long
 load_owner(unsigned long *p)
 {
@@ -328,9 +345,9 @@ rawbuf_reserve(exn_rawbuf *rb, size_t n)
 static void
 mu_lock(EngineObject *self)
 {
-    if (!PyThread_acquire_lock(self->mu, NOWAIT_LOCK)) {
+    if (pthread_mutex_trylock(&self->mu) != 0) {
         Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->mu, WAIT_LOCK);
+        pthread_mutex_lock(&self->mu);
         Py_END_ALLOW_THREADS
     }
 }
@@ -338,7 +355,7 @@ mu_lock(EngineObject *self)
 static inline void
 mu_unlock(EngineObject *self)
 {
-    PyThread_release_lock(self->mu);
+    pthread_mutex_unlock(&self->mu);
 }
 
 /* With mu held: 0 if sends are allowed, else -1 with OSError set. */
@@ -362,22 +379,68 @@ check_open(EngineObject *self)
 /* The writer                                                          */
 /* ------------------------------------------------------------------ */
 
-/* Wait (GIL released, interruptible by signals) for the writer role.
-   0 once it is ours, or -1 with a signal handler's exception set. */
+static int run_writer(EngineObject *self, const struct iovec *extra,
+                      int nextra);
+
+/* With mu held: take the writer role if it is free (1), else 0. */
+static inline int
+try_role(EngineObject *self)
+{
+    if (self->writer_active) {
+        return 0;
+    }
+    self->writer_active = 1;
+    self->role_owner = PyThread_get_thread_ident();
+    return 1;
+}
+
+/* Wait for the writer role (GIL held, mu not held): 0 once it is ours, or
+   -1 with a signal handler's exception set. */
 static int
 take_role(EngineObject *self)
 {
+    unsigned long me = PyThread_get_thread_ident();
+
+    mu_lock(self);
+    if (try_role(self)) {
+        mu_unlock(self);
+        return 0;
+    }
+    self->role_waiters++;
+    mu_unlock(self);
     for (;;) {
         PyLockStatus r;
-        /* The current writer may be blocked in write() for long (a full
-           pipe): wait without the GIL. */
+        /* The writer may be blocked in write() for long (a full pipe):
+           wait without the GIL. */
         Py_BEGIN_ALLOW_THREADS
-        r = PyThread_acquire_lock_timed(self->role, -1, 1);
+        r = PyThread_acquire_lock_timed(self->role_sem, -1, 1);
         Py_END_ALLOW_THREADS
         if (r == PY_LOCK_ACQUIRED) {
+            mu_lock(self);
+            self->role_waiters--;
+            self->role_owner = me;
+            mu_unlock(self);
             return 0;
         }
         if (PyErr_CheckSignals() < 0) {
+            PyObject *exc;
+            int handed;
+            /* Stop waiting -- unless the role was handed to us meanwhile:
+               then its duty (writing what is pending) comes first. */
+            mu_lock(self);
+            self->role_waiters--;
+            handed = PyThread_acquire_lock(self->role_sem, NOWAIT_LOCK);
+            if (handed) {
+                self->role_owner = me;
+            }
+            mu_unlock(self);
+            if (handed) {
+                exc = fetch_exception();
+                if (run_writer(self, NULL, 0) < 0) {
+                    PyErr_Clear();
+                }
+                restore_exception(exc);
+            }
             return -1;
         }
     }
@@ -396,14 +459,12 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
     exn_rawbuf out = {NULL, 0, 0};
     PyObject *pending_exc = NULL;
     int err = 0, abort = 0;
-    unsigned long me = PyThread_get_thread_ident();
     PyThreadState *ts;
 
     /* Writes block while the peer is slow: release the GIL for the whole
        loop; only signal handling takes it back. */
     ts = PyEval_SaveThread();
-    PyThread_acquire_lock(self->mu, WAIT_LOCK);
-    store_owner(&self->role_owner, me);
+    pthread_mutex_lock(&self->mu);
     out = self->spare;
     self->spare.data = NULL;
     self->spare.len = self->spare.cap = 0;
@@ -417,7 +478,7 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
            (empty) buffer we hand back. */
         self->fill = out;
         out = tmp;
-        PyThread_release_lock(self->mu);
+        pthread_mutex_unlock(&self->mu);
 
         if (out.len > 0) {
             iov[cnt].iov_base = out.data;
@@ -463,7 +524,7 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
             out.data = NULL;
             out.cap = 0;
         }
-        PyThread_acquire_lock(self->mu, WAIT_LOCK);
+        pthread_mutex_lock(&self->mu);
         if (err || abort) {
             self->fill.len = 0;
             if (abort) {
@@ -484,9 +545,15 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
     else {
         free(out.data);
     }
-    store_owner(&self->role_owner, 0);
-    PyThread_release_lock(self->role);
-    PyThread_release_lock(self->mu);
+    self->role_owner = 0;
+    if (self->role_waiters > 0) {
+        /* Hand the role over: writer_active stays set. */
+        PyThread_release_lock(self->role_sem);
+    }
+    else {
+        self->writer_active = 0;
+    }
+    pthread_mutex_unlock(&self->mu);
     PyEval_RestoreThread(ts);
 
     if (pending_exc != NULL) {
@@ -515,12 +582,11 @@ hand_off(EngineObject *self)
         mu_unlock(self);
         return 0;
     }
-    if (PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
+    if (try_role(self)) {
         mu_unlock(self);
         return run_writer(self, NULL, 0);
     }
-    if (load_owner(&self->role_owner) == me
-        || self->fill.len < HIGH_WATER) {
+    if (self->role_owner == me || self->fill.len < HIGH_WATER) {
         /* The writer (perhaps this very thread, in a signal handler run
            by its write loop) checks `fill` under mu before it gives the
            role up, so our frame will go out. */
@@ -644,9 +710,8 @@ send_big(EngineObject *self, exn_module_state *st, int msgcode,
         mu_unlock(self);
         return NULL;
     }
-    if (!PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
-        if (load_owner(&self->role_owner)
-            == PyThread_get_thread_ident()) {
+    if (!try_role(self)) {
+        if (self->role_owner == PyThread_get_thread_ident()) {
             /* Inside our own write loop (a signal handler): copy. */
             mu_unlock(self);
             return send_small(self, st, msgcode, channelid, obj);
@@ -761,11 +826,11 @@ engine_close_write(EngineObject *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     self->wclosed = 1;
-    if (PyThread_acquire_lock(self->role, NOWAIT_LOCK)) {
+    if (try_role(self)) {
         mu_unlock(self);
         rc = run_writer(self, NULL, 0);
     }
-    else if (load_owner(&self->role_owner) == me) {
+    else if (self->role_owner == me) {
         /* A signal handler inside our own write loop: it closes. */
         mu_unlock(self);
         Py_RETURN_NONE;
@@ -1438,13 +1503,20 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->module = Py_NewRef(module);
     self->rfd = rfd;
     self->wfd = wfd;
-    self->mu = PyThread_allocate_lock();
-    self->role = PyThread_allocate_lock();
-    if (self->mu == NULL || self->role == NULL) {
+    if (pthread_mutex_init(&self->mu, NULL) != 0) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_MemoryError, "cannot allocate mutex");
+        return NULL;
+    }
+    self->mu_ready = 1;
+    self->role_sem = PyThread_allocate_lock();
+    if (self->role_sem == NULL) {
         Py_DECREF(self);
         PyErr_SetString(PyExc_MemoryError, "cannot allocate lock");
         return NULL;
     }
+    /* Taken: only a handover releases it. */
+    (void)PyThread_acquire_lock(self->role_sem, NOWAIT_LOCK);
     /* Bulk transfers: a 1 MiB pipe moves data in fewer, larger steps.
        Failure (not a pipe, over the user's pipe budget) is harmless. */
     (void)exn_fdio_set_pipe_size(rfd, EXN_FDIO_PIPE_SIZE);
@@ -1479,11 +1551,14 @@ engine_dealloc(EngineObject *self)
 
     PyObject_GC_UnTrack(self);
     (void)engine_clear(self);
-    if (self->mu != NULL) {
-        PyThread_free_lock(self->mu);
+    if (self->mu_ready) {
+        pthread_mutex_destroy(&self->mu);
     }
-    if (self->role != NULL) {
-        PyThread_free_lock(self->role);
+    if (self->role_sem != NULL) {
+        /* Unlock before freeing, as _thread.lock does (no handover can be
+           in flight: a waiter holds a reference to us). */
+        PyThread_release_lock(self->role_sem);
+        PyThread_free_lock(self->role_sem);
     }
     free(self->fill.data);
     free(self->spare.data);

@@ -57,7 +57,10 @@ exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
     }
     while (cnt > 0) {
         int batch = cnt < IOV_MAX ? cnt : IOV_MAX;
-        ssize_t r = writev(fd, v, batch);
+        /* One buffer (the common case): write() spares the kernel the
+           iovec copy. */
+        ssize_t r = batch == 1 ? write(fd, v->iov_base, v->iov_len)
+                               : writev(fd, v, batch);
         if (r < 0) {
             *iov = v;
             *iovcnt = cnt;
