@@ -284,16 +284,22 @@ class _GreenCondition:
         waiter = self._sem(0)
         self._waiters.append(waiter)
         self._lock.release()
-        got = False
+        got = returned = False
         try:
             got = waiter.acquire(True, timeout)
+            returned = True
         finally:
             self._lock.acquire()
             if not got:
                 try:
                     self._waiters.remove(waiter)
                 except ValueError:
-                    got = True  # notified as the timeout passed
+                    # notified just as we gave up: a timeout takes the
+                    # notification, an exception (a kill) passes it on
+                    if returned:
+                        got = True
+                    else:
+                        self.notify()
         return got
 
     def wait_for(self, predicate, timeout=None):

@@ -168,6 +168,23 @@ def test_many_greenlets_receiving_locally(ggw, model):
     assert len(tasks) == 20
 
 
+def test_killed_receiver_greenlet_leaves_the_channel_usable(ggw, model):
+    ch = ggw.remote_exec("""
+        channel.receive()
+        channel.send("first")
+        channel.send("second")
+    """)
+    got = []
+    task = _spawn(model, lambda: got.append(ch.receive()))
+    _sleep(model, 0.05)
+    task.kill()
+    _sleep(model, 0.01)
+    ch.send(None)
+    assert ch.receive(timeout=10) == "first"
+    assert ch.receive(timeout=10) == "second"
+    assert got == []
+
+
 def test_receive_timeout(ggw):
     ch = ggw.remote_exec("channel.receive()")
     t0 = time.monotonic()
