@@ -698,6 +698,21 @@ def print_tables(result):
 
 # -------------------------------------------------------------------- main
 
+def checkout_info():
+    """Which tree "ours" is; for a copy made by ``git archive`` (no .git), set
+    XB_CHECKOUT_NOTE to say which commit it is."""
+    info = {"root": str(REPO), "note": os.environ.get("XB_CHECKOUT_NOTE")}
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "execnet", "csrc"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        info.update(git_head=head, dirty_engine_files=dirty.splitlines())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -722,6 +737,7 @@ def main(argv=None):
                     "loadavg_start": os.getloadavg()},
         "versions": {"pytest": pins["pytest"], "pytest-xdist": pins["pytest-xdist"],
                      "stock": infos["stock"], "ours": infos["ours"]},
+        "checkout": checkout_info(),
         "reps": reps, "quick": opts.quick, "workloads": {},
     }
     with tempfile.TemporaryDirectory(prefix="xdist-bench-") as tmp:
