@@ -16,6 +16,15 @@ def popen_args(spec):
     return shlex.split(python)
 
 
+def _remote_stdout():
+    """Where a popen child's stdout goes: our stderr (fd 2) if it is open."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return subprocess.DEVNULL
+    return 2
+
+
 class Popen2IOMaster:
     """A local subprocess with the protocol on its own pipe pair.
 
@@ -40,7 +49,8 @@ class Popen2IOMaster:
             env.update(spec.env)
         try:
             self.popen = execmodel.PopenPiped(
-                args, stdin=subprocess.DEVNULL, pass_fds=(p2c_r, c2p_w),
+                args, stdin=subprocess.DEVNULL, stdout=_remote_stdout(),
+                pass_fds=(p2c_r, c2p_w),
                 env=env, close_fds=True)
         except OSError as exc:
             for fd in (p2c_r, p2c_w, c2p_r, c2p_w):

@@ -379,7 +379,7 @@ def test_zero_install_remote(model, tmp_path, monkeypatch):
         gw = group.makegateway()
         ch = gw.remote_exec("""
             import sys
-            channel.send((sorted(n for n in sys.modules if "execnet" in n),
+            channel.send((sorted(n for n in sys.modules if n.startswith("execnet")),
                           channel.gateway.execmodel.backend,
                           type(channel.gateway._engine).__name__))
             channel.send(channel.receive() * 2)

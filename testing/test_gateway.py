@@ -170,11 +170,12 @@ def test_dont_write_bytecode(makegateway, tmp_path, monkeypatch):
         "import sys; channel.send(sys.dont_write_bytecode)").receive(10)
 
 
-def test_remote_print_reaches_our_stdout(tmp_path):
+def test_remote_output_reaches_our_stderr(tmp_path):
     res = run_python(textwrap.dedent("""
         import execnet
         gw = execnet.makegateway()
-        ch = gw.remote_exec("print('hello from remote'); channel.send(1)")
+        ch = gw.remote_exec("import sys; print('hello from remote'); "
+                            "sys.stderr.write('remote stderr\\\\n'); channel.send(1)")
         assert ch.receive(10) == 1
         ch.waitclose(10)
         gw.exit()
@@ -182,8 +183,10 @@ def test_remote_print_reaches_our_stdout(tmp_path):
         print("master done")
     """))
     assert res.returncode == 0, res.stderr
-    assert "hello from remote" in res.stdout
-    assert "master done" in res.stdout
+    # remote output is visible, and our own stdout stays ours alone
+    assert "hello from remote" in res.stderr
+    assert "remote stderr" in res.stderr
+    assert res.stdout == "master done\n"
 
 
 def test_remote_junk_on_stdout_at_start(makegateway, tmp_path):
@@ -232,7 +235,7 @@ def test_zero_install_bootstrap_sends_source(makegateway, tmp_path):
         gateway_bootstrap.PKGDIR = old
     ch = gw.remote_exec("""
         import sys
-        channel.send(sorted(name for name in sys.modules if "execnet" in name))
+        channel.send(sorted(name for name in sys.modules if name.startswith("execnet")))
     """)
     assert ch.receive(10) == ["execnet_gateway_base"]
     ch = gw.remote_exec("channel.send(channel.receive() * 2)")
