@@ -1338,11 +1338,7 @@ class BaseGateway:
                 factory._dispatchlock)
         finally:
             self._receive_reason = reason
-            error = None
-            if reason is not None:
-                error = RemoteError("gateway %s: connection lost (%s: %s)"
-                                    % (self.id, type(reason).__name__, reason))
-            self._channelfactory._finished_receiving(error)
+            self._channelfactory._finished_receiving(self._lost_error(reason))
             self._receive_done.set()
             self._terminate_execution()
 
@@ -1393,6 +1389,14 @@ class BaseGateway:
         # only workers execute code; a master answers with an error
         self._send(Message.CHANNEL_CLOSE_ERROR, channelid,
                    "execution disallowed on this side")
+
+    def _lost_error(self, reason):
+        """What open channels raise once the connection is gone: the
+        DataFormatError for a corrupt stream, else an EOFError."""
+        if reason is None or isinstance(reason, DataFormatError):
+            return reason
+        return EOFError("gateway %s: connection lost (%s: %s)"
+                        % (self.id, type(reason).__name__, reason))
 
     def _terminate_execution(self):
         pass
@@ -1484,9 +1488,28 @@ class WorkerGateway(BaseGateway):
             self._tasks_cond.notify_all()
 
     def _terminate_execution(self):
+        """The receiver ended: stop taking tasks, give running ones the
+        grace period, then end the process even if one still runs (the
+        main thread may be the one that is stuck)."""
         with self._tasks_cond:
             self._stopping = True
             self._tasks_cond.notify_all()
+            if self.execmodel._green:
+                return  # the serve loop, on the hub, finishes the job
+            self._tasks_cond.wait_for(lambda: not self._executing, _worker_grace())
+        self._exit_process()
+
+    def _exit_process(self):
+        try:
+            self._engine.close_write()
+        except Exception:
+            pass
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(0)
 
     def serve(self):
         """Run until the master terminates us or goes away, then exit."""
@@ -1508,13 +1531,7 @@ class WorkerGateway(BaseGateway):
         # give running tasks a moment to notice their closed channels
         with self._tasks_cond:
             self._tasks_cond.wait_for(lambda: not self._executing, _worker_grace())
-        self._engine.close_write()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(0)
+        self._exit_process()
 
 
 def _worker_grace():

@@ -16,13 +16,29 @@ def popen_args(spec):
     return shlex.split(python)
 
 
-def _remote_stdout():
-    """Where a popen child's stdout goes: our stderr (fd 2) if it is open."""
+def _remote_stdout(spec):
+    """Where a popen child's stdout goes.
+
+    ``stdout=`` in the spec (or EXECNET_REMOTE_STDOUT) chooses: ``stderr``
+    (our stderr: remote print() stays visible without mixing into our own
+    stdout), ``inherit`` (our stdout) or ``devnull``.  The default is
+    ``stderr`` -- except under a pytest-xdist controller, whose workers run
+    whole pytest sessions that print their own reports: xdist expects that
+    output to be discarded, so there the default is ``devnull``.
+    """
+    choice = spec.stdout or os.environ.get("EXECNET_REMOTE_STDOUT")
+    if not choice:
+        choice = "devnull" if "xdist.dsession" in sys.modules else "stderr"
+    if choice == "devnull":
+        return subprocess.DEVNULL
+    fd = 1 if choice == "inherit" else 2
+    if choice not in ("stderr", "inherit"):
+        raise ValueError("stdout=%s: expected stderr, inherit or devnull" % (choice,))
     try:
-        os.fstat(2)
+        os.fstat(fd)
     except OSError:
         return subprocess.DEVNULL
-    return 2
+    return fd
 
 
 class Popen2IOMaster:
@@ -49,7 +65,7 @@ class Popen2IOMaster:
             env.update(spec.env)
         try:
             self.popen = execmodel.PopenPiped(
-                args, stdin=subprocess.DEVNULL, stdout=_remote_stdout(),
+                args, stdin=subprocess.DEVNULL, stdout=_remote_stdout(spec),
                 pass_fds=(p2c_r, c2p_w),
                 env=env, close_fds=True)
         except OSError as exc:

@@ -287,3 +287,31 @@ def test_python_dash_m_execnet_remote_error():
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 1
     assert "ZeroDivisionError" in res.stderr
+
+
+@pytest.mark.parametrize("choice, where", [("inherit", "stdout"), ("devnull", None),
+                                           ("stderr", "stderr")])
+def test_remote_stdout_choice(choice, where):
+    res = run_python(textwrap.dedent("""
+        import execnet
+        gw = execnet.makegateway("popen//stdout=%s")
+        gw.remote_exec("print('remote line')").waitclose(10)
+        execnet.default_group.terminate(10)
+    """ % choice))
+    assert res.returncode == 0, res.stderr
+    assert ("remote line" in res.stdout) == (where == "stdout")
+    assert ("remote line" in res.stderr) == (where == "stderr")
+
+
+def test_remote_stdout_discarded_under_xdist_controller():
+    # pytest-xdist's workers print whole pytest sessions; xdist expects
+    # that output to vanish, as it always has
+    res = run_python(textwrap.dedent("""
+        import sys, types, execnet
+        sys.modules["xdist.dsession"] = types.ModuleType("xdist.dsession")
+        gw = execnet.makegateway()
+        gw.remote_exec("print('remote line')").waitclose(10)
+        execnet.default_group.terminate(10)
+    """))
+    assert res.returncode == 0, res.stderr
+    assert "remote line" not in res.stdout + res.stderr

@@ -72,7 +72,8 @@ def test_channels_fail_when_remote_dies(gw):
     pid = ch.receive(10)
     assert ch.receive(10) == "last words"
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(execnet.RemoteError, match="connection lost"):
+    # an EOFError, as pytest-xdist expects of a crashed worker
+    with pytest.raises(EOFError, match="connection lost"):
         ch.receive(10)
     with pytest.raises(OSError):
         ch.send(1)
@@ -86,7 +87,7 @@ def test_data_sent_before_death_is_received(gw):
         os._exit(1)
     """)
     assert [ch.receive(10) for _ in range(1000)] == list(range(1000))
-    with pytest.raises(execnet.RemoteError):
+    with pytest.raises(EOFError, match="connection lost"):
         ch.receive(10)
 
 
@@ -175,3 +176,17 @@ def test_worker_shuts_down_quietly_on_sigint(gw):
     gw.join(10)
     with pytest.raises(OSError, match="connection already closed"):
         gw.remote_exec("pass")
+
+
+@pytest.mark.parametrize("execmodel", ["thread", "main_thread_only"])
+def test_worker_with_stuck_task_exits_after_exit(execmodel):
+    group = execnet.Group(execmodel=execmodel)
+    try:
+        gw = group.makegateway()
+        pid = gw._rinfo().pid
+        gw.remote_exec("import time; time.sleep(120)")
+        gw.exit()
+        # the worker gives the task its grace period (2 s), then leaves
+        assert wait_gone(pid, 15)
+    finally:
+        group.terminate(1)
