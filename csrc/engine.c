@@ -11,8 +11,8 @@
  *             straight into `fill` while holding mu (and the GIL), then
  *             patches the frame header.  With the GIL held mu is only
  *             try-locked; a thread that must block on it releases the GIL
- *             first, and mu's holders never wait for the GIL, so the two
- *             never deadlock.
+ *             first.  So no thread holds the GIL while it waits for mu,
+ *             and the two cannot deadlock.
  *   the writer role  `writer_active` (under mu).  Its holder -- "the
  *             writer" -- takes `fill` (swapping in an empty buffer) under
  *             mu and writes it with the GIL released, again and again

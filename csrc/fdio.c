@@ -66,9 +66,17 @@ exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
             *iovcnt = cnt;
             return -1;
         }
-        /* Partial write: drop what went out, advance into the entry that
-           was cut. */
+        /* Drop what went out, advance into the entry that was cut. */
         size_t left = (size_t)r;
+        int short_write = 0;
+        for (int i = 0; i < batch; i++) {
+            if (left < v[i].iov_len) {
+                short_write = 1;
+                break;
+            }
+            left -= v[i].iov_len;
+        }
+        left = (size_t)r;
         while (cnt > 0 && left >= v->iov_len) {
             left -= v->iov_len;
             v++;
@@ -81,6 +89,16 @@ exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
                 v++;
                 cnt--;
             }
+        }
+        if (short_write && cnt > 0) {
+            /* A blocking pipe or socket writes everything unless a signal
+               cuts the call short after some progress: report that as
+               EINTR too, so the caller runs the signal handlers instead
+               of blocking again with a Ctrl-C pending. */
+            *iov = v;
+            *iovcnt = cnt;
+            errno = EINTR;
+            return -1;
         }
     }
     *iov = v;

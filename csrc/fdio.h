@@ -34,7 +34,8 @@ int exn_fdio_read_full(int fd, char *buf, size_t n, size_t *done);
 /* Write all bytes described by (*iov, *iovcnt) with writev(2), handling
    partial writes.  Returns 0 when everything is written, -1 with errno set
    (EINTR included); on return *iov and *iovcnt describe what is still to
-   be written (the first entry is advanced in place). */
+   be written (the first entry is advanced in place).  A short write is
+   reported as EINTR: on a blocking fd only a signal causes one. */
 int exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt);
 
 /* Wait until `fd` is ready for `events` (POLLIN / POLLOUT) or

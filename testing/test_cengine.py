@@ -920,3 +920,97 @@ def test_pure_master_with_c_remote():
     res = run_python(code, env={"EXECNET_NO_EXTENSIONS": "1"}, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("OK"), res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------
+# Engine: Ctrl-C while a send blocks
+
+
+def _pipe_capacity(w):
+    import fcntl
+    return fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
+
+
+def test_sigint_during_a_blocked_write_keeps_frames_whole(fds, sigint_default):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    big = b"x" * (3 * _pipe_capacity(w))
+    sigint_main_later(0.2)
+    reader = []
+    later(0.6, lambda: reader.append(Reader(r)))
+    with pytest.raises(KeyboardInterrupt):
+        engine.send(DATA, 1, big)  # finishes the frame, then raises
+    engine.send(DATA, 1, "after")
+    engine.close_write()
+    deadline = time.monotonic() + 10
+    while not reader and time.monotonic() < deadline:
+        time.sleep(0.01)
+    frames = split_frames(reader[0].result())
+    assert frames == [(DATA, 1, gateway_base._py_dumps_payload(big)),
+                      (DATA, 1, gateway_base._py_dumps_payload("after"))]
+
+
+def test_second_sigint_aborts_a_blocked_write(fds, sigint_default):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    big = b"x" * (3 * _pipe_capacity(w))
+    sigint_main_later(0.2)
+    sigint_main_later(0.4)
+    with pytest.raises(KeyboardInterrupt):
+        engine.send(DATA, 1, big)
+    with pytest.raises(OSError) as excinfo:
+        engine.send(DATA, 1, "after")
+    assert "interrupted write" in str(excinfo.value)
+    reader = Reader(r)
+    engine.close_write()
+    assert len(reader.result()) < len(big)
+
+
+def test_sigint_while_waiting_for_the_writer(fds, sigint_default):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    big = b"x" * (2 * _pipe_capacity(w))
+    other = threading.Thread(target=engine.send, args=(DATA, 3, big))
+    other.start()
+    time.sleep(0.2)  # `other` holds the writer role, blocked on the pipe
+    sigint_main_later(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.send(DATA, 1, b"y" * 100000)  # waits for the role
+    reader = Reader(r)
+    other.join(10)
+    engine.send(DATA, 1, "after")
+    engine.close_write()
+    frames = split_frames(reader.result())
+    assert frames[0] == (DATA, 3, gateway_base._py_dumps_payload(big))
+    assert frames[-1] == (DATA, 1, gateway_base._py_dumps_payload("after"))
+    assert len(frames) in (2, 3)  # the interrupted frame may have gone out
+
+
+def test_backpressure_bounds_pending_data(fds):
+    """Senders wait for a slow reader instead of buffering without end."""
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    cap = _pipe_capacity(w)
+    stop = threading.Event()
+    sent = [0] * 4
+
+    def sender(t):
+        while not stop.is_set():
+            engine.send(DATA, t, "z" * 1000)
+            sent[t] += 1
+
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # nobody reads: the pipe fills, then the senders wait
+    stop.set()
+    total = sum(sent)
+    # the pipe, the batch being written and the pending buffer (each at
+    # most HIGH_WATER, 1 MiB, plus a frame per thread)
+    assert total * 1014 < cap + 2 * ((1 << 20) + 4 * 1014)
+    reader = Reader(r)
+    for t in threads:
+        t.join(10)
+    engine.close_write()
+    frames = split_frames(reader.result())
+    assert len(frames) == sum(sent)
