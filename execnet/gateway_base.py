@@ -627,14 +627,7 @@ class _Unserializer:
                 push(obj)
             elif op == b"H" or op == b"I":
                 n = _read_count(r)
-                digits = bytes(r.read(n))
-                body = digits[1:] if digits[:1] == b"-" else digits
-                if not body or not body.isdigit():
-                    raise LoadError("bad long int digits")
-                try:
-                    push(int(digits))
-                except ValueError as exc:
-                    raise LoadError("bad long int: %s" % (exc,)) from None
+                push(_parse_long(bytes(r.read(n))))
             elif op == b"D":
                 push(_double.unpack(r.read(8))[0])
             elif op == b"T":
@@ -659,12 +652,158 @@ class _Unserializer:
 
 
 def _loads_payload(data, channel_factory=None, py2str_as_py3str=False):
-    """Decode one payload (no version byte) that ends with STOP."""
-    r = _Reader(data)
-    obj = _Unserializer(r, channel_factory, py2str_as_py3str).load()
-    if r.pos != len(r.data):
-        raise LoadError("trailing data after stop opcode")
-    return obj
+    """Decode one payload (no version byte) that ends with STOP.
+
+    The buffer fast path of ``_Unserializer`` (which ``load`` uses for
+    streams): same opcodes, same checks, with offsets instead of reads.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    try:
+        return _decode_buffer(data, channel_factory, py2str_as_py3str)
+    except (struct.error, IndexError):
+        raise LoadError("truncated data") from None
+
+
+def _decode_buffer(data, channel_factory, py2str_as_py3str):
+    end = len(data)
+    pos = 0
+    stack = []
+    push = stack.append
+    pop = stack.pop
+    unpack4 = _int4.unpack_from
+    depth = {}  # nesting depth of containers by id(), as in _Unserializer
+    while True:
+        op = data[pos]
+        pos += 1
+        if op == 0x46 or op == 0x47:  # F G
+            push(unpack4(data, pos)[0])
+            pos += 4
+        elif op == 0x4E or op == 0x53:  # N S
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > end - pos:
+                raise LoadError("bad str length %d" % n)
+            try:
+                push(data[pos:pos + n].decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise LoadError("invalid UTF-8 in str: %s" % (exc,)) from None
+            pos += n
+        elif op == 0x50:  # P
+            if len(stack) < 3:
+                raise LoadError("setitem with too few items on the stack")
+            value = pop()
+            key = pop()
+            container = stack[-1]
+            if depth:
+                d = depth.get(id(value), 0) + 1
+                if d > depth.get(id(container), 1):
+                    if d > MAX_NESTING:
+                        raise LoadError("data nested deeper than %d levels"
+                                        % MAX_NESTING)
+                    depth[id(container)] = d
+            tp = type(container)
+            if tp is dict:
+                try:
+                    container[key] = value
+                except TypeError as exc:
+                    raise LoadError("unhashable dict key: %s" % (exc,)) from None
+            elif tp is list:
+                if type(key) is not int or not 0 <= key < len(container):
+                    raise LoadError("bad list index %r" % (key,))
+                container[key] = value
+            else:
+                raise LoadError("setitem on %s" % (tp.__name__,))
+        elif op == 0x4C:  # L
+            push(None)
+        elif op == 0x52:  # R
+            push(True)
+        elif op == 0x43:  # C
+            push(False)
+        elif op == 0x4A:  # J
+            obj = {}
+            depth[id(obj)] = 1
+            push(obj)
+        elif op == 0x4B:  # K
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > (end - pos) // 7:
+                raise LoadError("bad list length %d" % n)
+            obj = [None] * n
+            depth[id(obj)] = 1
+            push(obj)
+        elif op == 0x41:  # A
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > end - pos:
+                raise LoadError("bad bytes length %d" % n)
+            push(data[pos:pos + n])
+            pos += n
+        elif op == 0x40 or op == 0x4F or op == 0x45:  # @ O E
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > len(stack):
+                raise LoadError("bad item count %d" % n)
+            items = stack[len(stack) - n:]
+            del stack[len(stack) - n:]
+            d = 1 + max([depth.get(id(x), 0) for x in items], default=0)
+            if d > MAX_NESTING:
+                raise LoadError("data nested deeper than %d levels" % MAX_NESTING)
+            if op == 0x40:
+                obj = tuple(items)
+            else:
+                try:
+                    obj = set(items) if op == 0x4F else frozenset(items)
+                except TypeError as exc:
+                    raise LoadError("unhashable set item: %s" % (exc,)) from None
+            depth[id(obj)] = d
+            push(obj)
+        elif op == 0x44:  # D
+            push(_double.unpack_from(data, pos)[0])
+            pos += 8
+        elif op == 0x48 or op == 0x49:  # H I
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > end - pos:
+                raise LoadError("bad long int length %d" % n)
+            push(_parse_long(data[pos:pos + n]))
+            pos += n
+        elif op == 0x54:  # T
+            re_, im = _complex.unpack_from(data, pos)
+            push(complex(re_, im))
+            pos += 16
+        elif op == 0x4D:  # M
+            n = unpack4(data, pos)[0]
+            pos += 4
+            if n < 0 or n > end - pos:
+                raise LoadError("bad str length %d" % n)
+            b = data[pos:pos + n]
+            push(b.decode("latin-1") if py2str_as_py3str else b)
+            pos += n
+        elif op == 0x42:  # B
+            chid = unpack4(data, pos)[0]
+            pos += 4
+            if channel_factory is None:
+                raise LoadError("channel in data without a gateway")
+            push(channel_factory(chid))
+        elif op == 0x51:  # Q
+            if len(stack) != 1:
+                raise LoadError("stop with %d items on the stack" % len(stack))
+            if pos != end:
+                raise LoadError("trailing data after stop opcode")
+            return stack[0]
+        else:
+            raise LoadError("unknown opcode %r at offset %d" % (bytes([op]), pos - 1))
+
+
+def _parse_long(digits):
+    body = digits[1:] if digits[:1] == b"-" else digits
+    if not body or not body.isdigit():
+        raise LoadError("bad long int digits")
+    try:
+        return int(digits)
+    except ValueError as exc:
+        raise LoadError("bad long int: %s" % (exc,)) from None
 
 
 def dumps(obj):
