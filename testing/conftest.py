@@ -16,6 +16,13 @@ def pytest_report_header(config):
     return "execnet engine: %s (%s)" % (gateway_base.backend, execnet.__file__)
 
 
+def pytest_configure(config):
+    # once test_execmodels.py has imported eventlet, it warns at every fork()
+    # in this process, whichever test forks
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Using fork\\(\\) is a bad idea:DeprecationWarning")
+
+
 @pytest.fixture
 def group():
     g = execnet.Group()
