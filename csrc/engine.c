@@ -677,8 +677,19 @@ send_small(EngineObject *self, exn_module_state *st, int msgcode,
        writer cannot take `fill` from under us. */
     store_owner(&self->mu_owner, PyThread_get_thread_ident());
     rc = exn_serialize_frame_into(st, &self->fill, msgcode, channelid, obj);
-    if (rc == 0) {
-        rc = append_deferred(self);
+    if (self->deferred != NULL) {
+        /* Frames sent by code that ran meanwhile follow ours -- also when
+           ours failed. */
+        if (rc == 0) {
+            rc = append_deferred(self);
+        }
+        else {
+            PyObject *exc = fetch_exception();
+            if (append_deferred(self) < 0) {
+                PyErr_Clear();
+            }
+            restore_exception(exc);
+        }
     }
     store_owner(&self->mu_owner, 0);
     /* Even after an error: a nested close_write() may wait for us. */

@@ -1014,3 +1014,51 @@ def test_backpressure_bounds_pending_data(fds):
     engine.close_write()
     frames = split_frames(reader.result())
     assert len(frames) == sum(sent)
+
+
+def _sneaky_channel(action):
+    class Sneaky(gateway_base.Channel):
+        def __init__(self):
+            pass  # no gateway: __del__ does nothing
+
+        @property
+        def id(self):
+            return action()
+
+    return Sneaky()
+
+
+def test_send_from_code_run_during_serialization(fds):
+    """A send (or close_write) from Python code that runs while this very
+    thread serializes into the outgoing buffer follows the frame in
+    progress instead of deadlocking."""
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+
+    def nested_send():
+        engine.send(DATA, 99, "nested")
+        return 5
+
+    def nested_send_then_fail():
+        engine.send(DATA, 98, "survives")
+        raise RuntimeError("no id")
+
+    def nested_close():
+        engine.close_write()
+        return 7
+
+    engine.send(DATA, 1, [_sneaky_channel(nested_send)])
+    with pytest.raises(gateway_base.DumpError):
+        engine.send(DATA, 1, _sneaky_channel(nested_send_then_fail))
+    engine.send(DATA, 3, (_sneaky_channel(nested_close), "last"))
+    with pytest.raises(OSError):
+        engine.send(DATA, 1, "closed")
+    frames = split_frames(reader.result())
+    assert frames == [
+        (DATA, 1, b"K\x00\x00\x00\x01F\x00\x00\x00\x00B\x00\x00\x00\x05PQ"),
+        (DATA, 99, gateway_base._py_dumps_payload("nested")),
+        (DATA, 98, gateway_base._py_dumps_payload("survives")),
+        (DATA, 3, b"B\x00\x00\x00\x07" + gateway_base._py_dumps_payload("last")[:-1]
+         + b"@\x00\x00\x00\x02Q"),
+    ]
