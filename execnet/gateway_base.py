@@ -1583,6 +1583,7 @@ class WorkerGateway(BaseGateway):
         self._tasks = collections.deque()
         self._tasks_cond = self.execmodel.Condition()
         self._executing = 0
+        self._running = 0
         self._stopping = False
 
     def _status_dict(self):
@@ -1609,7 +1610,8 @@ class WorkerGateway(BaseGateway):
     def _run_task(self, task):
         channel, source, filename, call_name, kwargs = task
         with self._tasks_cond:
-            self._executing += 1
+            self._executing += 1  # what remote_status reports
+            self._running += 1  # what shutdown waits for: includes the close
         channel._executing = True
         error = None
         try:
@@ -1621,9 +1623,11 @@ class WorkerGateway(BaseGateway):
             error = self._geterrortext(excinfo)
         finally:
             channel._executing = False
+            with self._tasks_cond:
+                self._executing -= 1
         channel._close(error)
         with self._tasks_cond:
-            self._executing -= 1
+            self._running -= 1
             self._tasks_cond.notify_all()
 
     def _terminate_execution(self):
@@ -1635,7 +1639,7 @@ class WorkerGateway(BaseGateway):
             self._tasks_cond.notify_all()
             if self.execmodel._green:
                 return  # the serve loop, on the hub, finishes the job
-            self._tasks_cond.wait_for(lambda: not self._executing, _worker_grace())
+            self._tasks_cond.wait_for(lambda: not self._running, _worker_grace())
         self._exit_process()
 
     def _exit_process(self):
@@ -1669,7 +1673,7 @@ class WorkerGateway(BaseGateway):
             pass  # Ctrl-C at the terminal reached us too: shut down quietly
         # give running tasks a moment to notice their closed channels
         with self._tasks_cond:
-            self._tasks_cond.wait_for(lambda: not self._executing, _worker_grace())
+            self._tasks_cond.wait_for(lambda: not self._running, _worker_grace())
         self._exit_process()
 
 
