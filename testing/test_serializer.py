@@ -11,8 +11,8 @@ import pytest
 
 from execnet import gateway_base as gb
 
-GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "data",
-                                     "golden_dumps.json")))
+with open(os.path.join(os.path.dirname(__file__), "data", "golden_dumps.json")) as f:
+    GOLDEN = json.load(f)
 
 
 class _Impl:
