@@ -50,10 +50,17 @@ typedef struct {
     PyObject *str_id;
     PyObject *str_acquire;
     PyObject *str_release;
+    PyObject *str_send;
+    PyObject *str_get;
+    PyObject *str_engine;               /* "_engine" */
+    PyObject *str_pending_last;         /* "_pending_last_messages" */
+    PyObject *str_send_pending_last;    /* "_send_pending_last_messages" */
+    PyObject *str_getremoteerror;       /* "_getremoteerror" */
 
-    /* Types, made in module_exec() (chanqueue.c, engine.c). */
+    /* Types, made in module_exec() (chanqueue.c, engine.c, channel.c). */
     PyTypeObject *ChannelQueueType;
     PyTypeObject *EngineType;
+    PyTypeObject *ChannelBaseType;
 
     /* Other areas (frames, channel queue, receiver) add their types and
        objects below; module.c traverses and clears every PyObject * here. */
@@ -239,6 +246,12 @@ int exn_chanqueue_init(PyObject *m, exn_module_state *st);
    MemoryError set. */
 int exn_chanqueue_put(PyObject *q, PyObject *item);
 
+/* ChannelQueue.get(timeout) for C callers; `q` must be a ChannelQueue,
+   `timeout` NULL or None (no limit) or seconds.  Returns the next item (a
+   new reference); NULL with EOFError (closed and empty), the configured
+   TimeoutError, or a signal handler's exception set. */
+PyObject *exn_chanqueue_get(PyObject *q, PyObject *timeout);
+
 /* ------------------------------------------------------------------ */
 /* engine.c                                                            */
 /* ------------------------------------------------------------------ */
@@ -246,5 +259,19 @@ int exn_chanqueue_put(PyObject *q, PyObject *item);
 /* Create the Engine type into st->EngineType and add it to module `m`.
    0, or -1 with an exception set. */
 int exn_engine_init(PyObject *m, exn_module_state *st);
+
+/* Engine.send(CHANNEL_DATA, channelid, obj) for C callers; `engine` must
+   be an Engine.  None, or NULL with an exception set (DumpError, OSError,
+   RuntimeError before configure()). */
+PyObject *exn_engine_send_data(PyObject *engine, int32_t channelid,
+                               PyObject *obj);
+
+/* ------------------------------------------------------------------ */
+/* channel.c                                                           */
+/* ------------------------------------------------------------------ */
+
+/* Create the ChannelBase type into st->ChannelBaseType and add it to
+   module `m`.  0, or -1 with an exception set. */
+int exn_channel_init(PyObject *m, exn_module_state *st);
 
 #endif /* EXN_EXECNET_H */

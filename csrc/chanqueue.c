@@ -376,13 +376,22 @@ static PyObject *
 chanqueue_get(ChannelQueueObject *self, PyObject *const *args,
               Py_ssize_t nargs, PyObject *kwnames)
 {
-    PyObject *timeout, *item;
-    int64_t deadline;
-    int timed;
+    PyObject *timeout;
 
     if (parse_timeout_arg("get", args, nargs, kwnames, &timeout) < 0) {
         return NULL;
     }
+    return exn_chanqueue_get((PyObject *)self, timeout);
+}
+
+PyObject *
+exn_chanqueue_get(PyObject *op, PyObject *timeout)
+{
+    ChannelQueueObject *self = (ChannelQueueObject *)op;
+    PyObject *item;
+    int64_t deadline;
+    int timed;
+
     if (self->count == 0 && !self->closed) {
         if (parse_timeout(timeout, &timed, &deadline) < 0) {
             return NULL;

@@ -764,6 +764,23 @@ send_big(EngineObject *self, exn_module_state *st, int msgcode,
     return rv;
 }
 
+/* Send one frame by the path that fits: nested (this thread serializes
+   under mu), big bytes (no copy) or small.  `obj` NULL: empty payload.
+   None, or NULL with an exception set. */
+static PyObject *
+send_frame(EngineObject *self, exn_module_state *st, int msgcode,
+           int32_t channelid, PyObject *obj)
+{
+    if (load_owner(&self->mu_owner) == PyThread_get_thread_ident()) {
+        return send_nested(self, st, msgcode, channelid, obj);
+    }
+    if (obj != NULL && PyBytes_CheckExact(obj)
+        && PyBytes_GET_SIZE(obj) >= BIG_BYTES) {
+        return send_big(self, st, msgcode, channelid, obj);
+    }
+    return send_small(self, st, msgcode, channelid, obj);
+}
+
 PyDoc_STRVAR(send_doc,
 "send($self, msgcode, channelid, obj=None, /)\n"
 "--\n"
@@ -802,14 +819,19 @@ engine_send(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    if (load_owner(&self->mu_owner) == PyThread_get_thread_ident()) {
-        return send_nested(self, st, msgcode, channelid, obj);
+    return send_frame(self, st, msgcode, channelid, obj);
+}
+
+PyObject *
+exn_engine_send_data(PyObject *engine, int32_t channelid, PyObject *obj)
+{
+    EngineObject *self = (EngineObject *)engine;
+    exn_module_state *st = exn_state(self->module);
+
+    if (exn_state_check_configured(st) < 0) {
+        return NULL;
     }
-    if (obj != NULL && PyBytes_CheckExact(obj)
-        && PyBytes_GET_SIZE(obj) >= BIG_BYTES) {
-        return send_big(self, st, msgcode, channelid, obj);
-    }
-    return send_small(self, st, msgcode, channelid, obj);
+    return send_frame(self, st, MSG_CHANNEL_DATA, channelid, obj);
 }
 
 PyDoc_STRVAR(close_write_doc,

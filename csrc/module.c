@@ -402,8 +402,15 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->str_id);
     Py_VISIT(st->str_acquire);
     Py_VISIT(st->str_release);
+    Py_VISIT(st->str_send);
+    Py_VISIT(st->str_get);
+    Py_VISIT(st->str_engine);
+    Py_VISIT(st->str_pending_last);
+    Py_VISIT(st->str_send_pending_last);
+    Py_VISIT(st->str_getremoteerror);
     Py_VISIT(st->ChannelQueueType);
     Py_VISIT(st->EngineType);
+    Py_VISIT(st->ChannelBaseType);
     return 0;
 }
 
@@ -420,8 +427,15 @@ module_clear(PyObject *module)
     Py_CLEAR(st->str_id);
     Py_CLEAR(st->str_acquire);
     Py_CLEAR(st->str_release);
+    Py_CLEAR(st->str_send);
+    Py_CLEAR(st->str_get);
+    Py_CLEAR(st->str_engine);
+    Py_CLEAR(st->str_pending_last);
+    Py_CLEAR(st->str_send_pending_last);
+    Py_CLEAR(st->str_getremoteerror);
     Py_CLEAR(st->ChannelQueueType);
     Py_CLEAR(st->EngineType);
+    Py_CLEAR(st->ChannelBaseType);
     return 0;
 }
 
@@ -437,21 +451,33 @@ static int
 module_exec(PyObject *module)
 {
     exn_module_state *st = exn_state(module);
+    static const struct {
+        size_t offset;
+        const char *text;
+    } strings[] = {
+        {offsetof(exn_module_state, str_id), "id"},
+        {offsetof(exn_module_state, str_acquire), "acquire"},
+        {offsetof(exn_module_state, str_release), "release"},
+        {offsetof(exn_module_state, str_send), "send"},
+        {offsetof(exn_module_state, str_get), "get"},
+        {offsetof(exn_module_state, str_engine), "_engine"},
+        {offsetof(exn_module_state, str_pending_last),
+         "_pending_last_messages"},
+        {offsetof(exn_module_state, str_send_pending_last),
+         "_send_pending_last_messages"},
+        {offsetof(exn_module_state, str_getremoteerror), "_getremoteerror"},
+    };
 
-    st->str_id = PyUnicode_InternFromString("id");
-    if (st->str_id == NULL) {
-        return -1;
-    }
-    st->str_acquire = PyUnicode_InternFromString("acquire");
-    if (st->str_acquire == NULL) {
-        return -1;
-    }
-    st->str_release = PyUnicode_InternFromString("release");
-    if (st->str_release == NULL) {
-        return -1;
+    for (size_t i = 0; i < sizeof(strings) / sizeof(strings[0]); i++) {
+        PyObject *s = PyUnicode_InternFromString(strings[i].text);
+        if (s == NULL) {
+            return -1;
+        }
+        *(PyObject **)((char *)st + strings[i].offset) = s;
     }
     if (exn_chanqueue_init(module, st) < 0
-        || exn_engine_init(module, st) < 0) {
+        || exn_engine_init(module, st) < 0
+        || exn_channel_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -464,8 +490,9 @@ static PyModuleDef_Slot exn_slots[] = {
 
 PyDoc_STRVAR(module_doc,
 "Native core of execnet: the execnet 2.x serializer, frame builder,\n"
-"channel queue (ChannelQueue) and engine (Engine: framing, sends and the\n"
-"receiver loop).\n"
+"channel queue (ChannelQueue), engine (Engine: framing, sends and the\n"
+"receiver loop) and the base class of channels (ChannelBase: send() and\n"
+"receive()).\n"
 "\n"
 "Internal module; use execnet.gateway_base, which configures it.");
 

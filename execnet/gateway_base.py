@@ -944,7 +944,56 @@ class _GreenChannelQueue(ChannelQueue):
 NO_ENDMARKER_WANTED = object()
 
 
-class Channel:
+def _native_core():
+    """Return the native core module, or None: disabled with
+    ``EXECNET_NO_EXTENSIONS``, not built, or this file runs as plain source
+    outside the package (the relative import cannot work there)."""
+    if os.environ.get("EXECNET_NO_EXTENSIONS") or __name__ != "execnet.gateway_base":
+        return None
+    try:
+        from . import _execnet
+    except ImportError:
+        return None
+    return _execnet
+
+
+# decided before Channel is defined, as it picks Channel's base class;
+# _use_native() at the bottom switches the rest of the hot path over
+_native = _native_core()
+
+
+class _PyChannelBase:
+    """Channel's hot methods; the native core's ``ChannelBase`` is the same
+    in C, over the attributes ``id``, ``gateway``, ``_queue``, ``_closed``,
+    ``_callback`` and ``_remoteerrors`` that ``Channel.__init__`` sets."""
+
+    def send(self, item):
+        """Send ``item`` to the other side (must be serializable)."""
+        if self._closed:
+            raise OSError("cannot send to %r" % (self,))
+        gw = self.gateway
+        if gw._pending_last_messages:
+            gw._send_pending_last_messages()
+        gw._engine.send(Message.CHANNEL_DATA, self.id, item)
+
+    def receive(self, timeout=None):
+        """Return the next item; raise EOFError when the channel closed,
+        RemoteError when the peer closed it with an error, TimeoutError."""
+        if self._callback is not None:
+            raise OSError("calling receive() on channel with receiver callback")
+        try:
+            return self._queue.get(timeout)
+        except EOFError:
+            error = self._getremoteerror()
+            if error is not None:
+                raise error from None
+            raise
+
+
+_ChannelBase = getattr(_native, "ChannelBase", None) or _PyChannelBase
+
+
+class Channel(_ChannelBase):
     """One end of a bidirectional connection to code on the other side."""
 
     RemoteError = RemoteError
@@ -1054,24 +1103,7 @@ class Channel:
         if error is not None:
             raise error
 
-    def send(self, item):
-        """Send ``item`` to the other side (must be serializable)."""
-        if self._closed:
-            raise OSError("cannot send to %r" % (self,))
-        self.gateway._send(Message.CHANNEL_DATA, self.id, item)
-
-    def receive(self, timeout=None):
-        """Return the next item; raise EOFError when the channel closed,
-        RemoteError when the peer closed it with an error, TimeoutError."""
-        if self._callback is not None:
-            raise OSError("calling receive() on channel with receiver callback")
-        try:
-            return self._queue.get(timeout)
-        except EOFError:
-            error = self._getremoteerror()
-            if error is not None:
-                raise error from None
-            raise
+    # send() and receive() are inherited from _ChannelBase
 
     def __iter__(self):
         return self
@@ -1454,10 +1486,20 @@ class BaseGateway:
                 type(excinfo[1]).__name__, exc)
 
     def _send(self, msgcode, channelid=0, data=None):
+        if self._pending_last_messages:
+            self._send_pending_last_messages()
+        self._engine.send(msgcode, channelid, data)
+
+    def _send_pending_last_messages(self):
+        """Tell the peer about channels collected here (Channel.__del__)
+        before the next frame goes out."""
         pending = self._pending_last_messages
         while pending:
-            self._engine.send(Message.CHANNEL_LAST_MESSAGE, pending.pop())
-        self._engine.send(msgcode, channelid, data)
+            try:
+                channelid = pending.pop()
+            except IndexError:  # another thread took the last one
+                break
+            self._engine.send(Message.CHANNEL_LAST_MESSAGE, channelid)
 
     def _initreceive(self):
         if self.execmodel._green:
@@ -1714,11 +1756,8 @@ def _use_native():
     # time, so rebinding the module globals switches every new channel and
     # gateway over to the native core.
     global _dumps_payload, _loads_payload, ChannelQueue, _Engine, backend
-    if os.environ.get("EXECNET_NO_EXTENSIONS") or __name__ != "execnet.gateway_base":
-        return
-    try:
-        from . import _execnet
-    except ImportError:
+    _execnet = _native
+    if _execnet is None:
         return
     _execnet.configure(DumpError, LoadError, DataFormatError, Channel,
                        TimeoutError)
