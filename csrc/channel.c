@@ -5,9 +5,11 @@
  * (same results and exceptions).
  *
  * The fields the hot methods use -- id, gateway, _queue, _closed,
- * _callback, _remoteerrors -- are member slots, read and written by the
- * Python code of Channel and ChannelFactory as plain attributes; the
- * subclass keeps its other attributes in its __dict__.
+ * _callback, and _remoteerrors (through Channel._getremoteerror()) -- are
+ * member slots, read and written by the Python code of Channel and
+ * ChannelFactory as plain attributes; the subclass keeps its other
+ * attributes in its __dict__.  The methods read the slots directly: a
+ * subclass must not shadow them with properties.
  *
  * send() goes straight into the Engine's C send path, and receive() into
  * the ChannelQueue's get(), when the gateway runs the native engine and
@@ -132,56 +134,45 @@ error:
     return -1;
 }
 
-/* receive() saw EOFError (pending): raise the first remote error instead,
-   popped from _remoteerrors, as `raise error from None` would; if there
-   is none, leave the EOFError.  Always returns NULL. */
+/* receive() saw EOFError (pending): raise `self._getremoteerror()`
+   instead (the first of _remoteerrors, popped), as `raise error from
+   None` would; if it returns None, leave the EOFError.  Always returns
+   NULL.  The end of a channel is rare: the Python method, which a
+   subclass may override, is called as in the pure receive(). */
 static PyObject *
 raise_remote_error(ChannelBaseObject *self, exn_module_state *st)
 {
     PyObject *eof = fetch_exception();
-    PyObject *errors = self->remoteerrors;
     PyObject *error = NULL;
 
-    if (errors != NULL && PyList_CheckExact(errors)) {
-        /* Look and pop with no Python code in between (the GIL makes it
-           atomic), as list.pop(0) does. */
-        if (PyList_GET_SIZE(errors) > 0) {
-            error = Py_NewRef(PyList_GET_ITEM(errors, 0));
-            if (PyList_SetSlice(errors, 0, 1, NULL) < 0) {
-                goto error;
-            }
-        }
-    }
-    else {
-        /* Not a plain list: let the Python method do it. */
-        error = PyObject_CallMethodNoArgs((PyObject *)self,
-                                          st->str_getremoteerror);
-        if (error == NULL) {
-            goto error;
-        }
-        if (error == Py_None) {
-            Py_CLEAR(error);
-        }
-    }
+    error = PyObject_CallMethodNoArgs((PyObject *)self,
+                                      st->str_getremoteerror);
     if (error == NULL) {
+        /* Raised while handling the EOFError: chain it as its context. */
+        PyObject *exc = fetch_exception();
+        PyException_SetContext(exc, eof);
+        restore_exception(exc);
+        return NULL;
+    }
+    if (error == Py_None) {
+        Py_DECREF(error);
         restore_exception(eof);
         return NULL;
     }
     if (!PyExceptionInstance_Check(error)) {
+        Py_DECREF(error);
         PyErr_SetString(PyExc_TypeError,
                         "exceptions must derive from BaseException");
-        goto error;
+        error = fetch_exception();
+        PyException_SetContext(error, eof);
+        restore_exception(error);
+        return NULL;
     }
     /* `from None`: no cause and the context suppressed; both setters steal
        a reference. */
     PyException_SetContext(error, eof);
     PyException_SetCause(error, NULL);
     restore_exception(error);
-    return NULL;
-
-error:
-    Py_XDECREF(eof);
-    Py_XDECREF(error);
     return NULL;
 }
 

@@ -1062,3 +1062,327 @@ def test_send_from_code_run_during_serialization(fds):
         (DATA, 3, b"B\x00\x00\x00\x07" + gateway_base._py_dumps_payload("last")[:-1]
          + b"@\x00\x00\x00\x02Q"),
     ]
+
+
+# ---------------------------------------------------------------------------
+# ChannelBase: Channel's send() and receive() in C
+
+
+class FakeEngine:
+    """A pure engine stand-in: records what is sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msgcode, channelid, obj=None):
+        self.sent.append((msgcode, channelid, obj))
+        return "ignored"
+
+
+class FakeGateway:
+    def __init__(self, engine=None):
+        self._engine = engine if engine is not None else FakeEngine()
+        self._pending_last_messages = []
+
+    _send_pending_last_messages = gateway_base.BaseGateway._send_pending_last_messages
+
+
+def _chan_class(base):
+    class Chan(base):
+        """A channel base set up like Channel.__init__ does, on any gateway."""
+
+        def __init__(self, gateway, id, queue=None):
+            self.gateway = gateway
+            self.id = id
+            self._queue = queue if queue is not None else _execnet.ChannelQueue()
+            self._closed = False
+            self._callback = None
+            self._remoteerrors = []
+
+        def __repr__(self):
+            return "<Chan %d>" % self.id
+
+        def _getremoteerror(self):
+            return gateway_base.Channel._getremoteerror(self)
+
+    return Chan
+
+
+Chan = _chan_class(_execnet.ChannelBase)
+PyChan = _chan_class(gateway_base._PyChannelBase)
+
+
+@pytest.fixture(params=["python", "c"])
+def AnyChan(request):
+    """The C ChannelBase and its pure twin must behave the same."""
+    return PyChan if request.param == "python" else Chan
+
+
+def test_channel_class_is_native():
+    Channel = gateway_base.Channel
+    assert gateway_base._ChannelBase is _execnet.ChannelBase
+    assert Channel.__mro__[1] is _execnet.ChannelBase
+    assert type(Channel.send) is type(_execnet.ChannelQueue.get)
+    assert type(Channel.receive) is type(_execnet.ChannelQueue.get)
+    import inspect
+    assert list(inspect.signature(Channel.receive).parameters) == ["self", "timeout"]
+    assert list(inspect.signature(Channel.send).parameters) == ["self", "item"]
+    # the pure twin stays reachable, with the same methods
+    assert set(vars(gateway_base._PyChannelBase)) >= {"send", "receive"}
+
+
+def test_channel_send_on_closed_channel(gw, AnyChan):
+    ch = gw.remote_exec("channel.receive()")
+    ch.send(1)
+    ch.waitclose(30)
+    with pytest.raises(OSError, match=r"cannot send to <Channel id=\d+ closed>"):
+        ch.send(2)
+    ch = gw.newchannel()
+    ch.close()
+    with pytest.raises(OSError, match="cannot send to"):
+        ch.send(item=3)
+    # the flag is an ordinary attribute, any true value counts
+    c = AnyChan(FakeGateway(), 5)
+    c._closed = 1
+    with pytest.raises(OSError, match=r"cannot send to <Chan 5>"):
+        c.send(1)
+    assert c.gateway._engine.sent == []
+
+
+def test_channel_receive_with_callback_set(gw):
+    ch = gw.remote_exec("channel.send(channel.receive())")
+    got = []
+    ch.setcallback(got.append)
+    with pytest.raises(OSError, match="receiver callback"):
+        ch.receive()
+    with pytest.raises(OSError, match="receiver callback"):
+        ch.receive(timeout=0)
+    ch.send(42)
+    ch.waitclose(30)
+    assert got == [42]
+
+
+def test_channel_remote_error_after_eof(gw, AnyChan):
+    ch = gw.remote_exec("channel.send(1); raise ValueError('boom')")
+    assert ch.receive(30) == 1
+    with pytest.raises(gateway_base.RemoteError, match="boom") as info:
+        ch.receive(30)
+    exc = info.value
+    assert exc.__cause__ is None and exc.__suppress_context__
+    assert type(exc.__context__) is EOFError
+    # popped: the next receive sees the bare end of the channel
+    with pytest.raises(EOFError):
+        ch.receive(30)
+    ch.waitclose(30)  # nothing left to raise either
+
+    # the same, on a queue closed by hand
+    c = AnyChan(FakeGateway(), 3)
+    err1, err2 = gateway_base.RemoteError("one"), gateway_base.RemoteError("two")
+    c._remoteerrors.extend([err1, err2])
+    c._queue.put("item")
+    c._queue.close()
+    assert c.receive() == "item"
+    for err in (err1, err2):
+        with pytest.raises(gateway_base.RemoteError) as info:
+            c.receive()
+        assert info.value is err
+    with pytest.raises(EOFError):
+        c.receive()
+    # the Python method is asked, so it can be overridden
+    c._getremoteerror = lambda: err2
+    with pytest.raises(gateway_base.RemoteError) as info:
+        c.receive()
+    assert info.value is err2
+    c._getremoteerror = lambda: None
+    with pytest.raises(EOFError):
+        c.receive()
+    c._getremoteerror = lambda: 1 / 0
+    with pytest.raises(ZeroDivisionError) as info:
+        c.receive()
+    assert type(info.value.__context__) is EOFError
+    del c._getremoteerror
+    c._remoteerrors = ["not an exception"]
+    with pytest.raises(TypeError, match="BaseException") as info:
+        c.receive()
+    assert type(info.value.__context__) is EOFError
+
+
+def test_channel_pure_engine_and_queue_paths(AnyChan):
+    gw = FakeGateway()
+    q = gateway_base._PyChannelQueue()
+    c = AnyChan(gw, 7, q)
+    c.send("x")
+    assert c.send(item=None) is None
+    assert gw._engine.sent == [(DATA, 7, "x"), (DATA, 7, None)]
+    # pending last messages of collected channels go out first
+    gw._pending_last_messages.extend([9, 11])
+    c.send("y")
+    LAST = gateway_base.Message.CHANNEL_LAST_MESSAGE
+    assert gw._engine.sent[2:] == [(LAST, 11, None), (LAST, 9, None),
+                                   (DATA, 7, "y")]
+    assert gw._pending_last_messages == []
+    # queue.get(timeout)
+    q.put(1)
+    assert c.receive() == 1
+    q.put(2)
+    assert c.receive(timeout=5) == 2
+    with pytest.raises(gateway_base.TimeoutError):
+        c.receive(0.01)
+    q.close()
+    with pytest.raises(EOFError):
+        c.receive(1)
+    with pytest.raises(TypeError):
+        c.receive(1, 2)
+    with pytest.raises(TypeError):
+        c.receive(bogus=1)
+    with pytest.raises(TypeError):
+        c.send()
+    with pytest.raises(TypeError):
+        c.send(1, 2)
+    with pytest.raises(TypeError):
+        c.send(obj=1)
+    c._callback = print
+    with pytest.raises(OSError, match="receiver callback"):
+        c.receive()
+
+
+def test_channel_native_engine_path(fds):
+    """Through the C engine: the same frames as Engine.send, pending last
+    messages first, a new gateway picked up."""
+    r, w = fds()
+    gw = FakeGateway(_execnet.Engine(r, w))
+    reader = Reader(r)
+    c = Chan(gw, 5)
+    c.send([1, "two"])
+    gw._pending_last_messages.append(8)
+    c.send(b"z" * 70000)  # the no-copy path
+    gw2 = FakeGateway(FakeEngine())
+    c.gateway = gw2
+    c.send("other")
+    assert gw2._engine.sent == [(DATA, 5, "other")]
+    c.gateway = gw
+    c.id = 2 ** 31
+    with pytest.raises(OverflowError):
+        c.send(1)
+    c.id = 6
+    with pytest.raises(gateway_base.DumpError):
+        c.send(object())
+    c.send(None)
+    gw._engine.close_write()
+    with pytest.raises(OSError, match="already closed"):
+        c.send(1)
+    LAST = gateway_base.Message.CHANNEL_LAST_MESSAGE
+    assert split_frames(reader.result()) == [
+        (DATA, 5, gateway_base._py_dumps_payload([1, "two"])),
+        (LAST, 8, b""),
+        (DATA, 5, gateway_base._py_dumps_payload(b"z" * 70000)),
+        (DATA, 6, gateway_base._py_dumps_payload(None)),
+    ]
+
+
+def test_channel_subclass_attributes(gw):
+    ch = gw.newchannel()
+    # the hot fields are slots of the C base, the rest lives in __dict__
+    assert set(vars(ch)) == {"_strconfig"}
+    assert ch.gateway is gw and isinstance(ch.id, int)
+    assert type(ch._queue) is _execnet.ChannelQueue
+    assert ch._closed is False and ch._callback is None and ch._remoteerrors == []
+    ch.extra = "x"
+    assert vars(ch)["extra"] == "x"
+    import weakref
+    assert weakref.ref(ch)() is ch
+    assert isinstance(ch, gateway_base.Channel)
+    # the serializer still recognises channels
+    assert gateway_base.dumps(ch) == b"\x02B" + struct.pack("!i", ch.id) + b"Q"
+
+    # unset slots raise AttributeError, in Python and in C
+    c = _execnet.ChannelBase("ignored", args=1)
+    for name in ("id", "gateway", "_queue", "_closed", "_callback", "_remoteerrors"):
+        with pytest.raises(AttributeError):
+            getattr(c, name)
+    with pytest.raises(AttributeError, match="_closed"):
+        c.send(1)
+    with pytest.raises(AttributeError, match="_callback"):
+        c.receive()
+    c._closed = False
+    with pytest.raises(AttributeError, match="gateway"):
+        c.send(1)
+    c.gateway = object()
+    with pytest.raises(AttributeError, match="_engine"):
+        c.send(1)
+    c.gateway = FakeGateway()
+    c.gateway._pending_last_messages = ()
+    with pytest.raises(TypeError, match="list"):
+        c.send(1)
+    c.gateway = FakeGateway()
+    with pytest.raises(AttributeError, match="id"):
+        c.send(1)
+    c._callback = None
+    with pytest.raises(AttributeError, match="_queue"):
+        c.receive()
+    with pytest.raises(AttributeError):
+        c.anything = 1  # no __dict__ on the bare base
+    c.id = 1
+    del c.id
+    with pytest.raises(AttributeError):
+        del c.id
+
+
+def test_channel_gc_of_cycles():
+    import weakref
+
+    def make():
+        gw = FakeGateway(FakeEngine())
+        c = Chan(gw, 3)
+        c.send("x")  # fills the send cache: c -> engine, gateway, list
+        gw._engine.me = c  # engine -> channel
+        gw._pending_last_messages.append(c)  # no flush: pending list -> c
+        c._callback = c
+        c._remoteerrors.append(c)
+        c._queue.put(c)
+        c.cycle = [c]
+        return weakref.ref(c), weakref.ref(gw)
+
+    refs = [make() for _ in range(50)]
+    gc.collect()
+    assert all(r() is None and g() is None for r, g in refs)
+
+    # real Channel objects on a real (pure-queue) gateway-less setup
+    class Ch(gateway_base.Channel):
+        def __init__(self):
+            self.gateway = None  # __del__ does nothing
+            self.id = 1
+            self._queue = _execnet.ChannelQueue()
+            self._closed = False
+            self._callback = None
+            self._remoteerrors = [self]
+            self._strconfig = None
+
+    chans = [Ch() for _ in range(50)]
+    for a, b in zip(chans, chans[1:] + chans[:1]):
+        a._queue.put(b)
+    wrefs = [weakref.ref(c) for c in chans]
+    del chans, a, b
+    gc.collect()
+    assert all(r() is None for r in wrefs)
+
+
+def test_channel_cache_survives_reassignment_during_send(fds):
+    """Python code run by a send (the pending flush, a __del__ during
+    serialization) may reassign the channel's fields."""
+    c = Chan(FakeGateway(), 4)
+
+    class Flusher(FakeGateway):
+        def _send_pending_last_messages(self):
+            c.gateway = FakeGateway()  # drops the cached refs
+            del self._pending_last_messages[:]
+            gc.collect()
+
+    gw = Flusher()
+    c.gateway = gw
+    gw._pending_last_messages.append(1)
+    c.send("x")
+    assert gw._engine.sent == [(DATA, 4, "x")]
+    del gw
+    c.send("y")
+    assert c.gateway._engine.sent == [(DATA, 4, "y")]
