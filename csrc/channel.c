@@ -122,9 +122,19 @@ refresh_cache(ChannelBaseObject *self, exn_module_state *st)
                         "gateway._pending_last_messages must be a list");
         goto error;
     }
-    Py_XSETREF(self->c_gateway, gw);
-    Py_XSETREF(self->c_engine, engine);
-    Py_XSETREF(self->c_pending, pending);
+    /* Swap all three before dropping the old ones: a decref may run
+       Python code (another thread's send) that must see a whole set. */
+    {
+        PyObject *old_gw = self->c_gateway;
+        PyObject *old_engine = self->c_engine;
+        PyObject *old_pending = self->c_pending;
+        self->c_gateway = gw;
+        self->c_engine = engine;
+        self->c_pending = pending;
+        Py_XDECREF(old_gw);
+        Py_XDECREF(old_engine);
+        Py_XDECREF(old_pending);
+    }
     return 0;
 
 error:
@@ -248,7 +258,7 @@ channelbase_send(ChannelBaseObject *self, PyObject *const *args,
                  Py_ssize_t nargs, PyObject *kwnames)
 {
     exn_module_state *st = exn_state(self->module);
-    PyObject *item, *engine = NULL, *id = NULL, *rv = NULL;
+    PyObject *item, *gw = NULL, *engine = NULL, *id = NULL, *rv = NULL;
     int closed;
 
     if (nargs == 1 && kwnames == NULL) {
@@ -279,8 +289,9 @@ channelbase_send(ChannelBaseObject *self, PyObject *const *args,
     engine = Py_NewRef(self->c_engine);
     if (PyList_GET_SIZE(self->c_pending) > 0) {
         /* CHANNEL_LAST_MESSAGE frames of collected channels go first. */
-        PyObject *r = PyObject_CallMethodNoArgs(self->c_gateway,
-                                                st->str_send_pending_last);
+        PyObject *r;
+        gw = Py_NewRef(self->c_gateway);
+        r = PyObject_CallMethodNoArgs(gw, st->str_send_pending_last);
         if (r == NULL) {
             goto error;
         }
@@ -299,20 +310,22 @@ channelbase_send(ChannelBaseObject *self, PyObject *const *args,
     }
     else {
         /* A pure engine: engine.send(CHANNEL_DATA, id, item). */
-        PyObject *args[4] = {engine, NULL, id, item};
-        args[1] = PyLong_FromLong(MSG_CHANNEL_DATA);
-        if (args[1] == NULL) {
+        PyObject *callargs[4] = {engine, NULL, id, item};
+        callargs[1] = PyLong_FromLong(MSG_CHANNEL_DATA);
+        if (callargs[1] == NULL) {
             goto error;
         }
         rv = PyObject_VectorcallMethod(
-            st->str_send, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(args[1]);
+            st->str_send, callargs, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+            NULL);
+        Py_DECREF(callargs[1]);
         if (rv != NULL) {
             Py_SETREF(rv, Py_NewRef(Py_None));
         }
     }
 
 error:
+    Py_XDECREF(gw);
     Py_XDECREF(engine);
     Py_XDECREF(id);
     return rv;
