@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(args):
-    env = dict(os.environ, EXECNET_REQUIRE_EXTENSIONS="1")
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+    env = dict(os.environ, EXECNET_REQUIRE_EXTENSIONS="1", EXECNET_WERROR="1")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"],
                    cwd=ROOT, env=env, check=True)
     check = subprocess.run(
         [sys.executable, "-c", "import execnet.gateway_base as g; "

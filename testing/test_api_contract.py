@@ -14,8 +14,7 @@ STOCK_ALL = ['Channel', 'DataFormatError', 'DumpError', 'Gateway', 'Group',
 def test_all_names():
     assert sorted(execnet.__all__) == sorted(STOCK_ALL)
     for name in STOCK_ALL:
-        if name != "RSync":  # not implemented yet, see README
-            assert getattr(execnet, name) is not None
+        assert getattr(execnet, name) is not None
     for old in ("PopenGateway", "SshGateway", "SocketGateway", "MultiGateway"):
         assert callable(getattr(execnet, old))
 
@@ -39,6 +38,12 @@ def test_signatures():
     assert params(execnet.Channel.makefile) == ["self", "mode", "proxyclose"]
     assert params(execnet.MultiChannel.receive_each) == ["self", "withchannel"]
     assert params(execnet.MultiChannel.make_receive_queue) == ["self", "endmarker"]
+    assert params(execnet.RSync.__init__) == ["self", "sourcedir", "callback", "verbose"]
+    assert params(execnet.RSync.add_target)[:4] == ["self", "gateway", "destdir",
+                                                    "finishedcallback"]
+    assert params(execnet.RSync.send) == ["self", "raises"]
+    assert params(execnet.RSync.filter) == ["self", "path"]
+    assert params(execnet.RSync._report_send_file) == ["self", "gateway", "modified_rel_path"]
     assert params(execnet.loads) == ["bytestring", "py2str_as_py3str", "py3str_as_py2str"]
     assert params(execnet.load) == ["byteio", "py2str_as_py3str", "py3str_as_py2str"]
 

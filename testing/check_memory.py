@@ -1,0 +1,82 @@
+"""Memory-safety jobs for the native core (CI runs them after the suite).
+
+1. ASan+UBSan: build the extension with EXECNET_SANITIZE=address,undefined
+   in a scratch copy of the tree and run the C-facing tests under it.
+2. valgrind: run the serializer and channel-queue tests on the normal build
+   and fail on definite leaks.
+
+Usage: python testing/check_memory.py [asan] [valgrind]   (default: both)
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASAN_TESTS = ["testing/test_cserializer.py", "testing/test_cengine.py",
+              "testing/test_serializer.py", "testing/test_channel.py"]
+VALGRIND_TESTS = ["testing/test_cserializer.py", "testing/test_cengine.py",
+                  "-k", "not sigint and not gateway and not pure_master"]
+
+
+def copy_tree(dest):
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        target = os.path.join(dest, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), target)
+
+
+def asan():
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"],
+                             capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="execnet-asan-") as tmp:
+        copy_tree(tmp)
+        env = dict(os.environ, EXECNET_SANITIZE="address,undefined",
+                   EXECNET_DEBUG_BUILD="1", EXECNET_REQUIRE_EXTENSIONS="1",
+                   EXECNET_WERROR="1")
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                       cwd=tmp, env=env, check=True)
+        env = dict(os.environ, LD_PRELOAD=libasan, PYTHONMALLOC="malloc",
+                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+                   EXECNET_NO_EXTENSIONS="")
+        env.pop("PYTHONDEVMODE", None)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "-p", "no:xdist", "-p", "no:cov"] + ASAN_TESTS,
+                             cwd=tmp, env=env)
+        return run.returncode
+
+
+def valgrind():
+    if not shutil.which("valgrind"):
+        print("valgrind is not installed", file=sys.stderr)
+        return 1
+    env = dict(os.environ, PYTHONMALLOC="malloc", EXECNET_NO_EXTENSIONS="")
+    env.pop("PYTHONDEVMODE", None)
+    run = subprocess.run(
+        ["valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite",
+         "--undef-value-errors=no",  # CPython itself trips these (no _execnet frames)
+         "--suppressions=" + os.path.join(ROOT, "testing", "valgrind.supp"),
+         "--show-leak-kinds=definite", "--error-exitcode=97", "--quiet",
+         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", "-p", "no:cov"] + VALGRIND_TESTS,
+        cwd=ROOT, env=env)
+    return run.returncode
+
+
+def main(args):
+    jobs = args or ["asan", "valgrind"]
+    status = 0
+    for job in jobs:
+        print("\n===== %s =====" % job, flush=True)
+        rc = {"asan": asan, "valgrind": valgrind}[job]()
+        print("%s: %s" % (job, "ok" if rc == 0 else "FAILED (%d)" % rc), flush=True)
+        status = status or rc
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
