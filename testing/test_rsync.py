@@ -464,7 +464,8 @@ def test_relative_destdir_and_main_thread_only(tree, tmp_path):
 
 
 def test_remote_module_is_self_contained():
-    source = open(rsync_remote.__file__).read()
+    with open(rsync_remote.__file__) as f:
+        source = f.read()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
