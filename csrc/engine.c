@@ -1272,7 +1272,11 @@ prepare_read(receiver_t *R)
     size_t avail = R->end - R->start;
 
     if (avail == 0 && R->cap > KEEP_RBUF) {
-        char *p = realloc(R->buf, RBUF_SIZE);
+        char *p;
+        /* Empty: rewind first, so no offset points past the smaller
+           buffer. */
+        R->start = R->end = 0;
+        p = realloc(R->buf, RBUF_SIZE);
         if (p != NULL) {
             R->buf = p;
             R->cap = RBUF_SIZE;
