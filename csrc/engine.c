@@ -31,9 +31,11 @@
  * threads coalesce into one write().  A sender that finds more than
  * HIGH_WATER bytes pending waits for the role instead (backpressure), so
  * `fill` stays bounded.  A bytes object of BIG_BYTES or more is not
- * copied: its sender waits for the role and writes the pending frames,
- * the frame header, the object's own buffer and the final 'Q' with one
- * writev().
+ * copied: its sender waits for the role and writes the pending frames and
+ * the frame header with writev(), the object's own buffer with vmsplice()
+ * when wfd is a pipe (writev() otherwise; the object is then held until
+ * the peer surely read its pages, see "Zero-copy big bytes"), and the
+ * final 'Q'.
  *
  * mu is a plain pthread mutex, not a PyThread lock: on Linux every
  * PyThread_acquire_lock*() call reads the monotonic clock to compute a
@@ -56,7 +58,8 @@
 
 #define MSG_CHANNEL_DATA 4
 
-/* A top-level bytes object this big goes out without a copy (writev). */
+/* A top-level bytes object this big goes out without a copy (vmsplice,
+   or writev). */
 #define BIG_BYTES ((Py_ssize_t)64 * 1024)
 /* Pending bytes above which a sender waits for the writer role. */
 #define HIGH_WATER ((size_t)1 << 20)
@@ -229,6 +232,13 @@ route_clear(route_map *m)
 /* The object                                                          */
 /* ------------------------------------------------------------------ */
 
+/* A bytes object whose pages a pipe may still reference, and the
+   stream offset (wtotal) just past its last byte. */
+typedef struct {
+    PyObject *obj;
+    uint64_t end;
+} held_t;
+
 typedef struct {
     PyObject_HEAD
     PyObject *module;           /* strong: the state lives there */
@@ -253,6 +263,16 @@ typedef struct {
                                    (0 too while it is handed over) */
     PyObject *deferred;         /* GIL; frames (bytes) sent from code that
                                    ran while this thread serialized */
+
+    /* vmsplice of big bytes; see "Zero-copy big bytes" below. */
+    int no_splice;              /* role; write with writev only */
+    uint64_t pipe_size;         /* capacity of the wfd pipe (bytes) */
+    uint64_t wtotal;            /* bytes written to wfd so far; stored by
+                                   the role holder (atomic), read by all */
+    held_t *held;               /* GIL; vmspliced objects, oldest first, */
+    size_t held_head;           /* in held[held_head:held_len] */
+    size_t held_len;
+    size_t held_cap;
 
     int receiving;              /* GIL; run_receiver() is running */
 } EngineObject;
@@ -381,6 +401,9 @@ check_open(EngineObject *self)
 
 static int run_writer(EngineObject *self, const struct iovec *extra,
                       int nextra);
+static int run_writer_ex(EngineObject *self, const struct iovec *extra,
+                         int nextra, int splice_at, uint64_t *splice_end);
+static void release_spliced(EngineObject *self);
 
 /* With mu held: take the writer role if it is free (1), else 0. */
 static inline int
@@ -456,9 +479,93 @@ take_role(EngineObject *self)
 static int
 run_writer(EngineObject *self, const struct iovec *extra, int nextra)
 {
+    return run_writer_ex(self, extra, nextra, -1, NULL);
+}
+
+static inline size_t
+iov_bytes(const struct iovec *v, int cnt)
+{
+    size_t n = 0;
+    for (int i = 0; i < cnt; i++) {
+        n += v[i].iov_len;
+    }
+    return n;
+}
+
+/* Write the `cnt` buffers at `v` (the role held, the GIL released with
+   *ts saved): with vmsplice if `splice` and the engine still may, else
+   writev.  Counts what went out in wtotal.  Returns 0, or the errno of a
+   write error; a second signal handler exception sets *abort (see
+   run_writer_ex). */
+static int
+write_some(EngineObject *self, struct iovec *v, int cnt, int splice,
+           PyThreadState **ts, PyObject **pending_exc, int *abort)
+{
+    /* Only the role holder stores it. */
+    uint64_t total = __atomic_load_n(&self->wtotal, __ATOMIC_RELAXED);
+
+    while (cnt > 0) {
+        size_t before = iov_bytes(v, cnt);
+        int use_splice = splice && !self->no_splice;
+        int rc = use_splice ? exn_fdio_vmsplice_all(self->wfd, &v, &cnt)
+                            : exn_fdio_writev_all(self->wfd, &v, &cnt);
+        int e = errno;
+        size_t after = rc == 0 ? 0 : iov_bytes(v, cnt);
+
+        if (after != before) {
+            total += before - after;
+            __atomic_store_n(&self->wtotal, total, __ATOMIC_RELEASE);
+        }
+        if (rc == 0) {
+            return 0;
+        }
+        if (use_splice && (e == EINVAL || e == ENOSYS || e == EBADF)) {
+            /* Not a pipe (or no vmsplice): writev from now on. */
+            self->no_splice = 1;
+            continue;
+        }
+        if (e == EAGAIN || e == EWOULDBLOCK) {
+            /* Not expected (blocking fds), but be correct. */
+            if (exn_fdio_poll(self->wfd, POLLOUT, -1) >= 0
+                || errno != EINTR) {
+                continue;
+            }
+        }
+        else if (e != EINTR) {
+            return e;
+        }
+        /* EINTR: run signal handlers (PEP 475).  A handler that raises
+           does not cut the frames short: its exception is kept and raised
+           once the batch is out.  A second one aborts: the connection is
+           then unusable. */
+        PyEval_RestoreThread(*ts);
+        if (PyErr_CheckSignals() < 0) {
+            if (*pending_exc != NULL) {
+                Py_DECREF(*pending_exc);
+                *abort = 1;
+            }
+            *pending_exc = fetch_exception();
+        }
+        *ts = PyEval_SaveThread();
+        if (*abort) {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+/* run_writer, and if `splice_at` >= 0, extra[splice_at] (a bytes object's
+   buffer) goes out with vmsplice if the engine can.  *splice_end is then
+   set, before anything is written, to the stream offset just past the
+   payload: the caller must hold the object (see hold_spliced).  It is
+   left alone when the engine no longer uses vmsplice. */
+static int
+run_writer_ex(EngineObject *self, const struct iovec *extra, int nextra,
+              int splice_at, uint64_t *splice_end)
+{
     exn_rawbuf out = {NULL, 0, 0};
     PyObject *pending_exc = NULL;
-    int err = 0, abort = 0;
+    int err = 0, abort = 0, nextra_was = 0;
     PyThreadState *ts;
 
     /* Writes block while the peer is slow: release the GIL for the whole
@@ -485,39 +592,35 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
             iov[cnt].iov_len = out.len;
             cnt++;
         }
+        nextra_was = nextra;
         for (int i = 0; i < nextra && cnt < 4; i++) {
             iov[cnt++] = extra[i];
         }
         nextra = 0;
-        while (exn_fdio_writev_all(self->wfd, &cur, &cnt) < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                /* Not expected (blocking fds), but be correct. */
-                if (exn_fdio_poll(self->wfd, POLLOUT, -1) >= 0
-                    || errno != EINTR) {
-                    continue;
-                }
+        if (splice_at >= 0 && !self->no_splice) {
+            /* Everything before the payload with writev, the payload
+               with vmsplice, the rest ('Q') with writev again: the
+               stream order stays exactly the same. */
+            int at = cnt - nextra_was + splice_at;
+            uint64_t end = __atomic_load_n(&self->wtotal, __ATOMIC_RELAXED);
+            for (int i = 0; i <= at; i++) {
+                end += iov[i].iov_len;
             }
-            else if (errno != EINTR) {
-                err = errno;
-                break;
+            *splice_end = end;
+            err = write_some(self, iov, at, 0, &ts, &pending_exc, &abort);
+            if (!err && !abort) {
+                err = write_some(self, iov + at, 1, 1, &ts, &pending_exc,
+                                 &abort);
             }
-            /* EINTR: run signal handlers (PEP 475).  A handler that
-               raises does not cut the frames short: its exception is
-               kept and raised once the batch is out.  A second one
-               aborts: the connection is then unusable. */
-            PyEval_RestoreThread(ts);
-            if (PyErr_CheckSignals() < 0) {
-                if (pending_exc != NULL) {
-                    Py_DECREF(pending_exc);
-                    abort = 1;
-                }
-                pending_exc = fetch_exception();
-            }
-            ts = PyEval_SaveThread();
-            if (abort) {
-                break;
+            if (!err && !abort) {
+                err = write_some(self, iov + at + 1, cnt - at - 1, 0, &ts,
+                                 &pending_exc, &abort);
             }
         }
+        else {
+            err = write_some(self, cur, cnt, 0, &ts, &pending_exc, &abort);
+        }
+        splice_at = -1;
         out.len = 0;
         if (out.cap > KEEP_WBUF) {
             free(out.data);
@@ -555,6 +658,10 @@ run_writer(EngineObject *self, const struct iovec *extra, int nextra)
     }
     pthread_mutex_unlock(&self->mu);
     PyEval_RestoreThread(ts);
+    if (self->held_head < self->held_len) {
+        /* Whatever this writer wrote may free vmspliced objects. */
+        release_spliced(self);
+    }
 
     if (pending_exc != NULL) {
         restore_exception(pending_exc);
@@ -699,6 +806,88 @@ send_small(EngineObject *self, exn_module_state *st, int msgcode,
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ */
+/* Zero-copy big bytes (vmsplice)                                      */
+/* ------------------------------------------------------------------ */
+
+/* vmsplice without SPLICE_F_GIFT makes the pipe reference the sender's
+   pages: the reader later copies whatever they hold then.  A bytes
+   object is immutable while alive, but its memory is reused once it is
+   freed, so every vmspliced object is held (`held`, a FIFO of (object,
+   stream offset past its end)) until its pages are surely consumed.
+   The rule: a pipe of pipe_size bytes has pipe_size / PAGE_SIZE buffer
+   slots of at most PAGE_SIZE bytes each, and the reader empties them in
+   order; so once pipe_size more bytes were written after an object's
+   end, none of its slots can still be in the pipe.  All of `held` is
+   touched with the GIL only; wtotal is stored by the writer without it
+   (atomically) -- a stale value only delays a release.  What is still
+   held at close_write() stays held until the engine is deallocated. */
+
+/* Make room for one more held object (GIL).  0, or -1 (out of memory;
+   no exception set). */
+static int
+held_reserve(EngineObject *self)
+{
+    held_t *p;
+    size_t cap;
+
+    if (self->held_len < self->held_cap) {
+        return 0;
+    }
+    if (self->held_head > 0) {
+        memmove(self->held, self->held + self->held_head,
+                (self->held_len - self->held_head) * sizeof(held_t));
+        self->held_len -= self->held_head;
+        self->held_head = 0;
+        return 0;
+    }
+    cap = self->held_cap ? self->held_cap * 2 : 16;
+    p = realloc(self->held, cap * sizeof(held_t));
+    if (p == NULL) {
+        return -1;
+    }
+    self->held = p;
+    self->held_cap = cap;
+    return 0;
+}
+
+/* Hold `obj` (a reference is stolen) until pipe_size bytes were written
+   past `end` (GIL).  Two big senders may push out of stream order (the
+   second writer can get the GIL back first); release_spliced() stops at
+   the first entry still needed, which only delays the later ones. */
+static void
+hold_spliced(EngineObject *self, PyObject *obj, uint64_t end)
+{
+    if (held_reserve(self) < 0) {
+        /* Out of memory (held_reserve ran before the write, so another
+           sender took the room): never free the object instead. */
+        return;
+    }
+    self->held[self->held_len].obj = obj;
+    self->held[self->held_len].end = end;
+    self->held_len++;
+}
+
+/* Drop the held objects whose pages the reader has surely consumed
+   (GIL).  Bytes objects run no code when freed. */
+static void
+release_spliced(EngineObject *self)
+{
+    uint64_t written = __atomic_load_n(&self->wtotal, __ATOMIC_ACQUIRE);
+
+    while (self->held_head < self->held_len) {
+        held_t *h = &self->held[self->held_head];
+        if (written < h->end || written - h->end < self->pipe_size) {
+            break;
+        }
+        self->held_head++;
+        Py_DECREF(h->obj);
+    }
+    if (self->held_head == self->held_len) {
+        self->held_head = self->held_len = 0;
+    }
+}
+
 /* Send a big bytes object without copying it: as the writer, writev the
    pending frames, the header + 'A' + length, the object's buffer and
    'Q'.  None, or NULL with an exception set. */
@@ -711,6 +900,8 @@ send_big(EngineObject *self, exn_module_state *st, int msgcode,
     struct iovec extra[3];
     Py_ssize_t n = PyBytes_GET_SIZE(obj);
     PyObject *rv = NULL;
+    uint64_t end = UINT64_MAX;
+    int splice_at = 1;
 
     if (n > INT32_MAX - A_OVERHEAD) {
         /* Too big for a frame: let the serializer raise DumpError. */
@@ -755,12 +946,25 @@ send_big(EngineObject *self, exn_module_state *st, int msgcode,
     extra[2].iov_base = (void *)&stop;
     extra[2].iov_len = 1;
     /* `obj` stays alive: the caller's argument reference pins it, and
-       bytes are immutable, so the writer reads it without the GIL. */
+       bytes are immutable, so the writer reads it without the GIL.  If
+       it goes out with vmsplice, the pipe references its pages until
+       the peer reads them: hold_spliced() keeps it alive until then. */
     Py_INCREF(obj);
-    if (run_writer(self, extra, 3) == 0) {
+    if (held_reserve(self) < 0) {
+        /* No room to hold it: the pages must not be spliced. */
+        splice_at = -1;
+    }
+    if (run_writer_ex(self, extra, 3, splice_at, &end) == 0) {
         rv = Py_NewRef(Py_None);
     }
-    Py_DECREF(obj);
+    if (end != UINT64_MAX) {
+        /* Also after a failed write: some of it may be in the pipe. */
+        hold_spliced(self, obj, end);   /* takes our reference */
+    }
+    else {
+        Py_DECREF(obj);
+    }
+    release_spliced(self);
     return rv;
 }
 
@@ -1523,7 +1727,7 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     static char *kwlist[] = {"rfd", "wfd", NULL};
     EngineObject *self;
     PyObject *module;
-    int rfd, wfd;
+    int rfd, wfd, pipe_size;
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ii:Engine", kwlist,
                                      &rfd, &wfd)) {
@@ -1558,6 +1762,17 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
        Failure (not a pipe, over the user's pipe budget) is harmless. */
     (void)exn_fdio_set_pipe_size(rfd, EXN_FDIO_PIPE_SIZE);
     (void)exn_fdio_set_pipe_size(wfd, EXN_FDIO_PIPE_SIZE);
+    /* Big bytes go out with vmsplice if wfd is a pipe.  The release rule
+       needs the pipe's capacity; the peer may raise it to
+       EXN_FDIO_PIPE_SIZE too, so count at least that. */
+    pipe_size = exn_fdio_pipe_size(wfd);
+    if (pipe_size > 0) {
+        self->pipe_size = (uint64_t)(pipe_size > EXN_FDIO_PIPE_SIZE
+                                     ? pipe_size : EXN_FDIO_PIPE_SIZE);
+    }
+    else {
+        self->no_splice = 1;
+    }
     return (PyObject *)self;
 }
 
@@ -1567,6 +1782,9 @@ engine_traverse(EngineObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->module);
     Py_VISIT(self->deferred);
+    for (size_t i = self->held_head; i < self->held_len; i++) {
+        Py_VISIT(self->held[i].obj);
+    }
     for (size_t i = 0; i < self->routes.cap; i++) {
         Py_VISIT(self->routes.slots[i].target);
     }
@@ -1599,6 +1817,12 @@ engine_dealloc(EngineObject *self)
     }
     free(self->fill.data);
     free(self->spare.data);
+    /* Not in engine_clear: the pipe may still reference their pages
+       while the engine lives (bytes hold no references: no cycles). */
+    for (size_t i = self->held_head; i < self->held_len; i++) {
+        Py_DECREF(self->held[i].obj);
+    }
+    free(self->held);
     Py_CLEAR(self->module);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);

@@ -107,6 +107,61 @@ exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
 }
 
 int
+exn_fdio_vmsplice_all(int fd, struct iovec **iov, int *iovcnt)
+{
+#if defined(__linux__) && defined(SPLICE_F_GIFT)
+    struct iovec *v = *iov;
+    int cnt = *iovcnt;
+
+    while (cnt > 0 && v->iov_len == 0) {
+        v++;
+        cnt--;
+    }
+    while (cnt > 0) {
+        int batch = cnt < IOV_MAX ? cnt : IOV_MAX;
+        /* No SPLICE_F_GIFT: the pages stay the caller's. */
+        ssize_t r = vmsplice(fd, v, (unsigned long)batch, 0);
+        size_t left;
+        if (r <= 0) {
+            if (r == 0) {
+                /* Not expected with data to move: let the caller fall
+                   back to writev, which reports the real state. */
+                errno = EINVAL;
+            }
+            *iov = v;
+            *iovcnt = cnt;
+            return -1;
+        }
+        /* A blocking pipe takes what fits, then the next call waits for
+           room (or returns EINTR for a signal): just go on. */
+        left = (size_t)r;
+        while (cnt > 0 && left >= v->iov_len) {
+            left -= v->iov_len;
+            v++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            v->iov_base = (char *)v->iov_base + left;
+            v->iov_len -= left;
+            while (cnt > 0 && v->iov_len == 0) {
+                v++;
+                cnt--;
+            }
+        }
+        *iov = v;
+        *iovcnt = cnt;
+    }
+    return 0;
+#else
+    (void)fd;
+    (void)iov;
+    (void)iovcnt;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+int
 exn_fdio_poll(int fd, short events, int timeout_ms)
 {
     struct pollfd p;
@@ -137,6 +192,25 @@ exn_fdio_set_pipe_size(int fd, int size)
 #else
     (void)fd;
     (void)size;
+    return 0;
+#endif
+}
+
+int
+exn_fdio_pipe_size(int fd)
+{
+#ifdef F_GETPIPE_SZ
+    struct stat sb;
+
+    if (fstat(fd, &sb) < 0) {
+        return -1;
+    }
+    if (!S_ISFIFO(sb.st_mode)) {
+        return 0;
+    }
+    return fcntl(fd, F_GETPIPE_SZ);
+#else
+    (void)fd;
     return 0;
 #endif
 }

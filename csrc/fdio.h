@@ -38,6 +38,14 @@ int exn_fdio_read_full(int fd, char *buf, size_t n, size_t *done);
    reported as EINTR: on a blocking fd only a signal causes one. */
 int exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt);
 
+/* Like exn_fdio_writev_all, but with vmsplice(2) (Linux, `fd` the write
+   end of a pipe): the pipe references the caller's pages instead of
+   copying them, so they must stay unchanged until the reader consumed
+   them (see engine.c).  A short vmsplice is normal (it moves what fits)
+   and is continued; EINVAL/EBADF (not a pipe) and ENOSYS are returned
+   before anything is written, so the caller can fall back to writev. */
+int exn_fdio_vmsplice_all(int fd, struct iovec **iov, int *iovcnt);
+
 /* Wait until `fd` is ready for `events` (POLLIN / POLLOUT) or
    `timeout_ms` passes (-1: no limit).  Returns poll(2)'s result: 1 ready,
    0 timed out, -1 with errno set (EINTR included). */
@@ -47,6 +55,10 @@ int exn_fdio_poll(int fd, short events, int timeout_ms);
    F_SETPIPE_SZ).  Returns the new capacity, 0 if `fd` is no pipe or the
    platform cannot do it, -1 with errno set if the kernel refused. */
 int exn_fdio_set_pipe_size(int fd, int size);
+
+/* The capacity of the pipe `fd` in bytes (Linux F_GETPIPE_SZ); 0 if `fd`
+   is no pipe or the platform cannot tell, -1 with errno set on error. */
+int exn_fdio_pipe_size(int fd);
 
 /* Close `fd`, not retrying on EINTR (Linux closes the fd anyway).
    Returns 0, or -1 with errno set. */

@@ -517,6 +517,177 @@ def test_send_to_a_dead_peer_raises_epipe(fds):
     engine.close_write()  # does not raise
 
 
+def _frame_checker(fd, expected_payload, count, throttle=0.0):
+    """Read frames from fd in a thread, checking payload i against
+    expected_payload(i); returns (thread, errors, seen)."""
+    errors = []
+    seen = []
+
+    def run():
+        buf = bytearray()
+        i = 0
+        reads = 0
+        while i < count:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                errors.append("EOF after %d frames" % i)
+                return
+            reads += 1
+            if throttle and reads % 8 == 0:
+                time.sleep(throttle)  # let the pipe stay full for a while
+            buf += b
+            while len(buf) >= HEADER.size:
+                msgcode, chid, n = HEADER.unpack_from(buf)
+                if len(buf) < HEADER.size + n:
+                    break
+                payload = bytes(buf[HEADER.size:HEADER.size + n])
+                del buf[:HEADER.size + n]
+                if payload != expected_payload(i):
+                    errors.append("frame %d differs" % i)
+                seen.append(i)
+                i += 1
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors, seen
+
+
+def _vmsplice_payload(i):
+    return bytes([i % 256]) * ((1 << 20) + i * 4097)
+
+
+@pytest.mark.parametrize("throttle", [0.0, 0.002])
+def test_big_bytes_survive_being_freed_after_send(fds, throttle):
+    # vmsplice makes the pipe reference the sender's pages: the engine
+    # must keep each object alive until the reader has consumed them,
+    # even though the caller drops it at once and its memory is reused.
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    count = 40
+    dumps = gateway_base._py_dumps_payload
+    t, errors, seen = _frame_checker(
+        r, lambda i: dumps(_vmsplice_payload(i)), count, throttle)
+    for i in range(count):
+        engine.send(DATA, 1, _vmsplice_payload(i))  # freed right after
+        # new objects of the same sizes, other contents: likely the memory
+        # of the objects just sent
+        junk = [bytes([(i + 128) % 256]) * ((1 << 20) + j * 4097)
+                for j in range(i, i + 3)]
+        del junk
+    t.join(60)
+    assert not t.is_alive()
+    assert errors == []
+    assert seen == list(range(count))
+
+
+def test_mixed_small_and_big_frames_keep_their_order(fds):
+    a, b = c_pair(fds)
+    q = _execnet.ChannelQueue()
+    b.set_route(1, q)
+    rec = Receiver(b)
+    items = []
+    for i in range(300):
+        if i % 3 == 0:
+            items.append(bytes([i % 256]) * (65536 + i * 511))
+        elif i % 3 == 1:
+            items.append(i)
+        else:
+            items.append(b"s" * (i % 50))
+    senders = []
+    for k in range(3):
+        # three threads, each on its own channel, big and small mixed
+        qk = _execnet.ChannelQueue()
+        b.set_route(10 + k, qk)
+        senders.append((threading.Thread(
+            target=lambda k=k: [a.send(DATA, 10 + k, x) for x in items]), qk))
+    for th, _ in senders:
+        th.start()
+    for x in items:
+        a.send(DATA, 1, x)
+    for th, qk in senders:
+        th.join(60)
+        assert [qk.get(30) for _ in items] == items
+    assert [q.get(30) for _ in items] == items
+    a.close_write()
+    assert str(rec.join()) == "connection closed"
+
+
+def test_big_send_to_a_peer_that_closed_raises_epipe(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    # the reader takes part of a big payload, then goes away while the
+    # sender is blocked in the middle of it
+    blob = b"v" * (8 << 20)
+
+    def reader():
+        os.read(r, 1 << 16)
+        time.sleep(0.1)
+        os.close(r)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    with pytest.raises(OSError) as excinfo:
+        engine.send(DATA, 1, blob)
+    t.join()
+    assert excinfo.value.errno == __import__("errno").EPIPE
+    with pytest.raises(OSError) as excinfo:
+        engine.send(DATA, 1, blob)
+    assert excinfo.value.errno == __import__("errno").EPIPE
+    engine.close_write()  # does not raise
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="vmsplice is Linux only")
+def test_vmspliced_objects_are_released(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    blobs = [bytes([i]) * (100 << 10) for i in range(50)]
+    base = [sys.getrefcount(blobs[i]) for i in range(len(blobs))]
+    for i in range(len(blobs)):
+        engine.send(DATA, 1, blobs[i])
+
+    def held():
+        return [i for i in range(len(blobs))
+                if sys.getrefcount(blobs[i]) != base[i]]
+
+    # the pipe (1 MiB) may still reference the last ~10 objects' pages:
+    # those are held, the older ones released
+    now = held()
+    assert now and now == list(range(now[0], 50))
+    assert 5 <= len(now) <= 12
+    # a pipe's worth of later bytes, small frames this time, frees them
+    for i in range(300):
+        engine.send(DATA, 2, b"x" * 4000)
+    assert held() == []
+    # a held object stays alive past close_write, until the engine goes
+    engine.send(DATA, 1, blobs[0])
+    engine.close_write()
+    assert held() == [0]
+    del engine
+    gc.collect()
+    assert held() == []
+    assert len(reader.result()) > 50 * (100 << 10)
+
+
+def test_big_bytes_over_a_socket_fall_back_to_writev():
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        engine = _execnet.Engine(b.fileno(), a.fileno())
+        out = []
+        t = threading.Thread(target=lambda: out.append(read_all(b.fileno())))
+        t.start()
+        blob = os.urandom(3 << 20)
+        engine.send(DATA, 1, blob)
+        engine.send(DATA, 1, blob[::-1])
+        a.shutdown(socket.SHUT_WR)
+        t.join(30)
+        assert out[0] == pure_frame(DATA, 1, blob) + pure_frame(DATA, 1, blob[::-1])
+        del engine
+
+
 def test_close_write_flushes_pending_frames(fds):
     """A writer blocked on a full pipe takes other threads' frames; they
     return at once, and close_write() writes everything before closing."""
