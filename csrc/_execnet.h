@@ -62,6 +62,11 @@ typedef struct {
     PyTypeObject *EngineType;
     PyTypeObject *ChannelBaseType;
 
+    /* vmspliced bytes objects of engines that were freed while the pipe
+       may still have referenced their pages: kept for the life of the
+       module, so their memory is never reused under a reader (engine.c). */
+    PyObject *retired;
+
     /* Other areas (frames, channel queue, receiver) add their types and
        objects below; module.c traverses and clears every PyObject * here. */
 } exn_module_state;

@@ -273,6 +273,8 @@ typedef struct {
     size_t held_head;           /* in held[held_head:held_len] */
     size_t held_len;
     size_t held_cap;
+    int unread_at_close;        /* mu; the pipe held unread bytes (or we
+                                   could not tell) when wfd was closed */
 
     int receiving;              /* GIL; run_receiver() is running */
 } EngineObject;
@@ -639,6 +641,8 @@ run_writer_ex(EngineObject *self, const struct iovec *extra, int nextra,
     /* Nothing pending: give the role up (mu held, so no sender can append
        unseen in between). */
     if (self->wclosed && !self->fd_closed) {
+        /* Unread bytes may be pages of held objects: see engine_dealloc. */
+        self->unread_at_close = exn_fdio_unread(self->wfd) != 0;
         (void)exn_fdio_close(self->wfd);
         self->fd_closed = 1;
     }
@@ -1818,9 +1822,27 @@ engine_dealloc(EngineObject *self)
     free(self->fill.data);
     free(self->spare.data);
     /* Not in engine_clear: the pipe may still reference their pages
-       while the engine lives (bytes hold no references: no cycles). */
-    for (size_t i = self->held_head; i < self->held_len; i++) {
-        Py_DECREF(self->held[i].obj);
+       while the engine lives (bytes hold no references: no cycles).  If
+       the pipe was not known to be drained when wfd closed (or wfd was
+       never closed here), the reader may still copy those pages: retire
+       the objects to the module for good rather than let their memory be
+       reused under it. */
+    if (self->held_head < self->held_len) {
+        PyObject *retired = NULL;
+        PyObject *exc_type, *exc_value, *exc_tb;
+
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        if (self->module != NULL && (!self->fd_closed || self->unread_at_close)) {
+            retired = exn_state(self->module)->retired;
+        }
+        for (size_t i = self->held_head; i < self->held_len; i++) {
+            if (retired != NULL && PyList_Append(retired, self->held[i].obj) < 0) {
+                PyErr_Clear();
+                continue;   /* out of memory: keep (leak) the reference */
+            }
+            Py_DECREF(self->held[i].obj);
+        }
+        PyErr_Restore(exc_type, exc_value, exc_tb);
     }
     free(self->held);
     Py_CLEAR(self->module);

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -193,6 +194,22 @@ exn_fdio_set_pipe_size(int fd, int size)
     (void)fd;
     (void)size;
     return 0;
+#endif
+}
+
+int
+exn_fdio_unread(int fd)
+{
+#ifdef FIONREAD
+    int n = 0;
+
+    if (ioctl(fd, FIONREAD, &n) < 0) {
+        return -1;
+    }
+    return n;
+#else
+    (void)fd;
+    return -1;
 #endif
 }
 

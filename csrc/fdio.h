@@ -60,6 +60,10 @@ int exn_fdio_set_pipe_size(int fd, int size);
    is no pipe or the platform cannot tell, -1 with errno set on error. */
 int exn_fdio_pipe_size(int fd);
 
+/* Bytes still unread in the pipe `fd` (FIONREAD; either end of a pipe);
+   -1 if it cannot tell. */
+int exn_fdio_unread(int fd);
+
 /* Close `fd`, not retrying on EINTR (Linux closes the fd anyway).
    Returns 0, or -1 with errno set. */
 int exn_fdio_close(int fd);

@@ -411,6 +411,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->ChannelQueueType);
     Py_VISIT(st->EngineType);
     Py_VISIT(st->ChannelBaseType);
+    Py_VISIT(st->retired);
     return 0;
 }
 
@@ -436,6 +437,7 @@ module_clear(PyObject *module)
     Py_CLEAR(st->ChannelQueueType);
     Py_CLEAR(st->EngineType);
     Py_CLEAR(st->ChannelBaseType);
+    Py_CLEAR(st->retired);
     return 0;
 }
 
@@ -474,6 +476,10 @@ module_exec(PyObject *module)
             return -1;
         }
         *(PyObject **)((char *)st + strings[i].offset) = s;
+    }
+    st->retired = PyList_New(0);
+    if (st->retired == NULL) {
+        return -1;
     }
     if (exn_chanqueue_init(module, st) < 0
         || exn_engine_init(module, st) < 0

@@ -661,13 +661,44 @@ def test_vmspliced_objects_are_released(fds):
         engine.send(DATA, 2, b"x" * 4000)
     assert held() == []
     # a held object stays alive past close_write, until the engine goes
+    # (the reader has drained the pipe by then: see the next test otherwise)
     engine.send(DATA, 1, blobs[0])
+    deadline = time.monotonic() + 30
+    while unread(w) and time.monotonic() < deadline:
+        time.sleep(0.001)  # the reader thread drains the pipe
     engine.close_write()
     assert held() == [0]
     del engine
     gc.collect()
     assert held() == []
     assert len(reader.result()) > 50 * (100 << 10)
+
+
+def unread(fd):
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="vmsplice is Linux only")
+def test_vmspliced_objects_unread_at_close_are_never_freed(fds):
+    """If the pipe still held bytes when the engine closed it, the reader
+    may yet copy pages of held objects: their memory must never be reused,
+    so they outlive the engine."""
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    blob = bytes(range(256)) * 1024  # 256 KiB: goes out with vmsplice
+    base = sys.getrefcount(blob)
+    engine.send(DATA, 1, blob)
+    engine.close_write()
+    assert unread(r) > len(blob)
+    del engine
+    gc.collect()
+    assert sys.getrefcount(blob) == base + 1  # retired, not freed
+    frame = read_all(r)
+    assert frame == pure_frame(DATA, 1, blob)
 
 
 def test_big_bytes_over_a_socket_fall_back_to_writev():
