@@ -67,12 +67,14 @@ class Gateway(gateway_base.BaseGateway):
         except (OSError, ValueError):
             pass
         self._engine.close_write()
+        self._io.wfd = None  # the engine closed it: never close the number again
 
     def join(self, timeout=None):
         """Wait for the receiver to end and reap the remote process."""
         super().join(timeout)
         if not self.hasreceiver():
-            self._io.wait(0)
+            if self._io.wait(0) is not None:
+                self._io.close_fds()  # reaped and no reader left: free rfd
 
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
         """Set how py2/py3 strings are received, on both sides."""

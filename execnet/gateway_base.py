@@ -1019,12 +1019,13 @@ class Channel(_ChannelBase):
         gw = getattr(self, "gateway", None)
         if gw is None or self._closed or self._queue.is_closed():
             return
-        # nobody can receive on this channel anymore: tell the peer with
-        # the gateway's next send.  A finalizer may run inside a send (GC
-        # during an allocation) where the send lock is held: never send here.
+        # nobody can receive on this channel anymore: tell the peer, from
+        # another thread.  A finalizer may run inside a send (GC during an
+        # allocation) where the send lock is held: never send here.
         try:
             gw._engine.clear_route(self.id)
             gw._pending_last_messages.append(self.id)
+            gw._schedule_pending_flush()
         except Exception:
             pass
 
@@ -1173,10 +1174,10 @@ class ChannelFactory:
                     channel._closed = True
                 channel._queue.close()
                 del self._channels[id]
-        if cb is not None and not local:
+        if cb is not None:
             callback, endmarker = cb
             if endmarker is not NO_ENDMARKER_WANTED:
-                callback(endmarker)
+                self._callback_call(callback, id, endmarker)
         elif remoteerror is not None and channel is None and not local:
             remoteerror.warn()
 
@@ -1455,6 +1456,7 @@ class BaseGateway:
         self.id = id
         self._strconfig = (False, False)
         self._pending_last_messages = []
+        self._flush_scheduled = False
         model = self.execmodel
         if model._green:
             # a blocking native call would stall the hub: the pure engine,
@@ -1490,6 +1492,24 @@ class BaseGateway:
             self._send_pending_last_messages()
         self._engine.send(msgcode, channelid, data)
 
+    def _schedule_pending_flush(self):
+        """Have the queued LAST_MESSAGEs sent soon, even if nothing else is
+        ever sent on this gateway (one flusher at a time)."""
+        if self._flush_scheduled or sys.is_finalizing():
+            return
+        self._flush_scheduled = True
+        try:
+            self.execmodel.start(self._flush_pending)
+        except Exception:  # no new threads (interpreter shutdown): next send
+            self._flush_scheduled = False
+
+    def _flush_pending(self):
+        self._flush_scheduled = False
+        try:
+            self._send_pending_last_messages()
+        except (OSError, ValueError):
+            pass  # the connection is gone: nothing to tell
+
     def _send_pending_last_messages(self):
         """Tell the peer about channels collected here (Channel.__del__)
         before the next frame goes out."""
@@ -1517,6 +1537,10 @@ class BaseGateway:
             reason = self._engine.run_receiver(
                 self._dispatch, factory.new, factory._callback_error,
                 factory._dispatchlock)
+        except Exception as exc:
+            # a failure in dispatch ends the connection: say why
+            reason = exc
+            self._trace("receiver failed: %r" % (exc,))
         finally:
             self._receive_reason = reason
             self._channelfactory._finished_receiving(self._lost_error(reason))

@@ -87,6 +87,9 @@ def _execnet_boot(r, rfd, wfd):
         except ImportError as exc:
             sys.stderr.write("execnet: execmodel " + green + ": " + str(exc) + "\\n")
             sys.exit(1)
+    # subprocesses of remote code must not hold the protocol pipes open
+    os.set_inheritable(rfd, False)
+    os.set_inheritable(wfd, False)
     os.write(wfd, b"1")
     serve(rfd, wfd, %(id)r, %(execmodel)r)
 _execnet_boot(r, %(rfd)d, %(wfd)d)

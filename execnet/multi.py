@@ -143,8 +143,11 @@ class Group:
                 gw._io.kill()
         for gw in gateways:
             # the child is gone: its pipe ends, so the receiver ends promptly
+            # (unless a grandchild inherited the pipe: then leave the fd to
+            # the receiver rather than close it under a blocked read)
             gw.join(timeout=5.0)
-            gw._io.close_fds()
+            if not gw.hasreceiver():
+                gw._io.close_fds()
 
     def remote_exec(self, source, **kwargs):
         """remote_exec on every gateway; return a MultiChannel."""

@@ -299,3 +299,27 @@ def test_dropped_channel_lets_the_remote_keep_sending(gw):
     gc.collect()
     gw.remote_exec("pass").waitclose(10)  # the next send carries LAST_MESSAGE
     assert report.receive(15) == ("sent", True)
+
+
+def test_remote_dropping_a_channel_tells_us_without_further_sends(gw):
+    sub = gw.newchannel()
+    ch = gw.remote_exec("""
+        import gc
+        s = channel.receive()
+        del s
+        gc.collect()
+        channel.receive()  # stays busy, sends nothing more
+    """)
+    ch.send(sub)
+    with pytest.raises(EOFError):
+        sub.receive(15)
+    ch.send(None)
+    ch.waitclose(10)
+
+
+def test_local_close_delivers_the_endmarker(gw):
+    ch = gw.remote_exec("channel.receive()")
+    q = queue.Queue()
+    ch.setcallback(q.put, endmarker="END")
+    ch.close()
+    assert q.get(timeout=10) == "END"

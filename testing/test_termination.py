@@ -190,3 +190,27 @@ def test_worker_with_stuck_task_exits_after_exit(execmodel):
         assert wait_gone(pid, 15)
     finally:
         group.terminate(1)
+
+
+def test_exit_then_terminate_leaves_other_fds_alone():
+    group = execnet.Group()
+    gw = group.makegateway()
+    gw.exit()
+    r, w = os.pipe()  # may reuse the numbers of the gateway's fds
+    try:
+        group.terminate(10)
+        os.write(w, b"still mine")
+        assert os.read(r, 100) == b"still mine"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_remote_subprocesses_do_not_hold_the_protocol_pipes(group):
+    gw = group.makegateway()
+    gw.remote_exec("import subprocess; subprocess.Popen(['sleep', '8'], close_fds=False)"
+                   ).waitclose(10)
+    start = time.monotonic()
+    group.terminate(timeout=1)
+    assert time.monotonic() - start < 4
+    assert not gw.hasreceiver()
