@@ -73,6 +73,10 @@ typedef struct {
 
 extern PyModuleDef exn_module_def;
 
+/* The raised exception, normalized (new reference), cleared; NULL if none
+   is set (module.c). */
+PyObject *exn_fetch_exception(void);
+
 /* Return the state of the module object `module` (never NULL). */
 static inline exn_module_state *
 exn_state(PyObject *module)

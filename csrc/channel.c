@@ -62,28 +62,6 @@ member(ChannelBaseObject *self, PyObject *value, const char *name)
     return value;
 }
 
-/* Take the raised exception (normalized; new reference), clearing it. */
-static PyObject *
-fetch_exception(void)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (type == NULL) {
-        return NULL;
-    }
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && tb != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_DECREF(type);
-    Py_XDECREF(tb);
-    return value;
-#endif
-}
-
 /* Raise the exception instance `exc` (the reference is stolen) as it is,
    without chaining it to the exception being handled. */
 static void
@@ -152,14 +130,14 @@ error:
 static PyObject *
 raise_remote_error(ChannelBaseObject *self, exn_module_state *st)
 {
-    PyObject *eof = fetch_exception();
+    PyObject *eof = exn_fetch_exception();
     PyObject *error = NULL;
 
     error = PyObject_CallMethodNoArgs((PyObject *)self,
                                       st->str_getremoteerror);
     if (error == NULL) {
         /* Raised while handling the EOFError: chain it as its context. */
-        PyObject *exc = fetch_exception();
+        PyObject *exc = exn_fetch_exception();
         PyException_SetContext(exc, eof);
         restore_exception(exc);
         return NULL;
@@ -173,7 +151,7 @@ raise_remote_error(ChannelBaseObject *self, exn_module_state *st)
         Py_DECREF(error);
         PyErr_SetString(PyExc_TypeError,
                         "exceptions must derive from BaseException");
-        error = fetch_exception();
+        error = exn_fetch_exception();
         PyException_SetContext(error, eof);
         restore_exception(error);
         return NULL;

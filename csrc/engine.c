@@ -297,29 +297,6 @@ store_owner(unsigned long *p, unsigned long v)
 /* Small helpers                                                       */
 /* ------------------------------------------------------------------ */
 
-/* Take and return the raised exception (normalized; new reference),
-   clearing it; NULL if none is set. */
-static PyObject *
-fetch_exception(void)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (type == NULL) {
-        return NULL;
-    }
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && tb != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_DECREF(type);
-    Py_XDECREF(tb);
-    return value;
-#endif
-}
-
 /* Raise `exc` again (the reference is stolen). */
 static void
 restore_exception(PyObject *exc)
@@ -460,7 +437,7 @@ take_role(EngineObject *self)
             }
             mu_unlock(self);
             if (handed) {
-                exc = fetch_exception();
+                exc = exn_fetch_exception();
                 if (run_writer(self, NULL, 0) < 0) {
                     PyErr_Clear();
                 }
@@ -546,7 +523,7 @@ write_some(EngineObject *self, struct iovec *v, int cnt, int splice,
                 Py_DECREF(*pending_exc);
                 *abort = 1;
             }
-            *pending_exc = fetch_exception();
+            *pending_exc = exn_fetch_exception();
         }
         *ts = PyEval_SaveThread();
         if (*abort) {
@@ -795,7 +772,7 @@ send_small(EngineObject *self, exn_module_state *st, int msgcode,
             rc = append_deferred(self);
         }
         else {
-            PyObject *exc = fetch_exception();
+            PyObject *exc = exn_fetch_exception();
             if (append_deferred(self) < 0) {
                 PyErr_Clear();
             }
@@ -929,7 +906,7 @@ send_big(EngineObject *self, exn_module_state *st, int msgcode,
         mu_lock(self);
         if (check_open(self) < 0) {
             mu_unlock(self);
-            PyObject *exc = fetch_exception();
+            PyObject *exc = exn_fetch_exception();
             if (run_writer(self, NULL, 0) < 0) {
                 PyErr_Clear();
             }
@@ -1175,7 +1152,7 @@ error_or_reason(receiver_t *R, PyObject **reason)
 {
     if (R->st->DataFormatError != NULL
         && PyErr_ExceptionMatches(R->st->DataFormatError)) {
-        *reason = fetch_exception();
+        *reason = exn_fetch_exception();
         return *reason != NULL ? 1 : -1;
     }
     return -1;
@@ -1218,7 +1195,7 @@ deliver_item(receiver_t *R, int32_t chid, PyObject *target, PyObject *item,
     if (!PyErr_ExceptionMatches(PyExc_Exception)) {
         return -1;      /* KeyboardInterrupt, SystemExit, ... */
     }
-    exc = fetch_exception();
+    exc = exn_fetch_exception();
     if (exc == NULL) {
         return -1;
     }
@@ -1342,7 +1319,7 @@ deliver_big(receiver_t *R, PyObject **reason)
 static int
 call_lock(PyObject *meth)
 {
-    PyObject *exc = PyErr_Occurred() ? fetch_exception() : NULL;
+    PyObject *exc = PyErr_Occurred() ? exn_fetch_exception() : NULL;
     PyObject *res = PyObject_CallNoArgs(meth);
 
     if (exc != NULL) {
@@ -1584,7 +1561,7 @@ read_more(receiver_t *R, PyObject **reason)
         }
         errno = saved_errno;
         PyErr_SetFromErrno(PyExc_OSError);
-        *reason = fetch_exception();
+        *reason = exn_fetch_exception();
         return *reason != NULL ? 1 : -1;
     }
 }

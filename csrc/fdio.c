@@ -45,6 +45,26 @@ exn_fdio_read_full(int fd, char *buf, size_t n, size_t *done)
     return 0;
 }
 
+/* Drop the first `n` bytes from the iovec array (*v, *cnt): skip the
+   entries they cover, cut into the next, skip empty entries after it. */
+static void
+iov_advance(struct iovec **v, int *cnt, size_t n)
+{
+    while (*cnt > 0 && n >= (*v)->iov_len) {
+        n -= (*v)->iov_len;
+        (*v)++;
+        (*cnt)--;
+    }
+    if (*cnt > 0) {
+        (*v)->iov_base = (char *)(*v)->iov_base + n;
+        (*v)->iov_len -= n;
+        while (*cnt > 0 && (*v)->iov_len == 0) {
+            (*v)++;
+            (*cnt)--;
+        }
+    }
+}
+
 int
 exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
 {
@@ -77,20 +97,7 @@ exn_fdio_writev_all(int fd, struct iovec **iov, int *iovcnt)
             }
             left -= v[i].iov_len;
         }
-        left = (size_t)r;
-        while (cnt > 0 && left >= v->iov_len) {
-            left -= v->iov_len;
-            v++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            v->iov_base = (char *)v->iov_base + left;
-            v->iov_len -= left;
-            while (cnt > 0 && v->iov_len == 0) {
-                v++;
-                cnt--;
-            }
-        }
+        iov_advance(&v, &cnt, (size_t)r);
         if (short_write && cnt > 0) {
             /* A blocking pipe or socket writes everything unless a signal
                cuts the call short after some progress: report that as
@@ -122,7 +129,6 @@ exn_fdio_vmsplice_all(int fd, struct iovec **iov, int *iovcnt)
         int batch = cnt < IOV_MAX ? cnt : IOV_MAX;
         /* No SPLICE_F_GIFT: the pages stay the caller's. */
         ssize_t r = vmsplice(fd, v, (unsigned long)batch, 0);
-        size_t left;
         if (r <= 0) {
             if (r == 0) {
                 /* Not expected with data to move: let the caller fall
@@ -135,20 +141,7 @@ exn_fdio_vmsplice_all(int fd, struct iovec **iov, int *iovcnt)
         }
         /* A blocking pipe takes what fits, then the next call waits for
            room (or returns EINTR for a signal): just go on. */
-        left = (size_t)r;
-        while (cnt > 0 && left >= v->iov_len) {
-            left -= v->iov_len;
-            v++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            v->iov_base = (char *)v->iov_base + left;
-            v->iov_len -= left;
-            while (cnt > 0 && v->iov_len == 0) {
-                v++;
-                cnt--;
-            }
-        }
+        iov_advance(&v, &cnt, (size_t)r);
         *iov = v;
         *iovcnt = cnt;
     }

@@ -389,6 +389,29 @@ static PyMethodDef exn_methods[] = {
 /* Module state lifecycle                                              */
 /* ------------------------------------------------------------------ */
 
+/* Take and return the raised exception (normalized; new reference),
+   clearing it; NULL if none is set.  Shared by engine.c and channel.c. */
+PyObject *
+exn_fetch_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
 /* GC: visit every object reference held in the state. */
 static int
 module_traverse(PyObject *module, visitproc visit, void *arg)
