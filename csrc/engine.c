@@ -75,6 +75,16 @@
 /* 'A' + length before the bytes, 'Q' after them. */
 #define A_PREFIX 5
 #define A_OVERHEAD 6
+/* Recently delivered big bytes objects the receiver keeps, so that one
+   the consumer has dropped again can take the next payload of the same
+   size: its pages are mapped and warm, where a fresh 1 MiB allocation
+   costs page faults (and glibc's arena trimming makes them recur).
+   Only objects up to RECYCLE_MAX are kept, and all are let go as soon
+   as the stream goes idle. */
+#define RECYCLE_SLOTS 4
+#define RECYCLE_MAX ((Py_ssize_t)16 << 20)
+/* No data for this long means idle. */
+#define SPARE_IDLE_MS 10
 
 /* ------------------------------------------------------------------ */
 /* Route table: channel id -> ChannelQueue or callable                */
@@ -277,6 +287,8 @@ typedef struct {
                                    could not tell) when wfd was closed */
 
     int receiving;              /* GIL; run_receiver() is running */
+    Py_ssize_t recycled;        /* GIL; big payloads read into a kept
+                                   object (see RECYCLE_MAX) */
 } EngineObject;
 
 /* mu_owner is written by mu's holder only; other threads read it without
@@ -1142,7 +1154,91 @@ typedef struct {
     PyObject *big;              /* a big 'A' payload being read, or NULL */
     int32_t big_chid;
     size_t big_have;            /* bytes of it read so far */
+    int after_big;              /* the last frame was a big payload */
+    PyObject *spare[RECYCLE_SLOTS];  /* owned, or NULL: see RECYCLE_MAX */
+    int spare_next;             /* the slot to fill next (ring order) */
 } receiver_t;
+
+/* Keep a delivered big payload (steals the reference). */
+static void
+spare_keep(receiver_t *R, PyObject *item)
+{
+#ifdef Py_GIL_DISABLED
+    /* Exclusive ownership can't be read off the refcount there. */
+    Py_DECREF(item);
+#else
+    PyObject *old;
+
+    if (PyBytes_GET_SIZE(item) > RECYCLE_MAX) {
+        Py_DECREF(item);
+        return;
+    }
+    old = R->spare[R->spare_next];
+    R->spare[R->spare_next] = item;
+    R->spare_next = (R->spare_next + 1) % RECYCLE_SLOTS;
+    Py_XDECREF(old);
+#endif
+}
+
+/* A kept bytes object of exactly n bytes that nobody else references
+   any more, made fresh (its cached hash forgotten), or NULL.  Kept
+   objects nobody references but of another size are freed. */
+static PyObject *
+spare_take(receiver_t *R, Py_ssize_t n)
+{
+    PyObject *found = NULL;
+    int i;
+
+    for (i = 0; i < RECYCLE_SLOTS; i++) {
+        PyObject *o = R->spare[i];
+        if (o == NULL || Py_REFCNT(o) != 1) {
+            continue;
+        }
+        R->spare[i] = NULL;
+        if (found == NULL && PyBytes_GET_SIZE(o) == n) {
+            found = o;
+        }
+        else {
+            Py_DECREF(o);
+        }
+    }
+    if (found != NULL) {
+        /* Only this receiver can reach it now, and its contents are
+           about to be replaced: the cached hash must go too. */
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+        ((PyBytesObject *)found)->ob_shash = -1;
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+    }
+    return found;
+}
+
+static void
+spare_clear(receiver_t *R)
+{
+    int i;
+
+    for (i = 0; i < RECYCLE_SLOTS; i++) {
+        Py_CLEAR(R->spare[i]);
+    }
+}
+
+static int
+spare_any(receiver_t *R)
+{
+    int i;
+
+    for (i = 0; i < RECYCLE_SLOTS; i++) {
+        if (R->spare[i] != NULL) {
+            return 1;
+        }
+    }
+    return 0;
+}
 
 /* With an exception set: if it is a DataFormatError, take it as the
    reason the loop ends (*reason, return 1); else leave it set for
@@ -1286,12 +1382,13 @@ deliver_big(receiver_t *R, PyObject **reason)
     int rc;
 
     R->big = NULL;
+    R->after_big = 1;
     target = route_get(&R->self->routes, chid);
     if (target != NULL) {
         Py_INCREF(target);
         rc = deliver_item(R, chid, target, item, reason);
         Py_DECREF(target);
-        Py_DECREF(item);
+        spare_keep(R, item);
         return rc;
     }
     /* Not routed (any more): dispatch wants the payload bytes back. */
@@ -1432,9 +1529,15 @@ maybe_start_big(receiver_t *R)
     if (n != len - A_OVERHEAD) {
         return 0;
     }
-    R->big = PyBytes_FromStringAndSize(NULL, n);
-    if (R->big == NULL) {
-        return -1;
+    R->big = spare_take(R, n);
+    if (R->big != NULL) {
+        R->self->recycled++;
+    }
+    else {
+        R->big = PyBytes_FromStringAndSize(NULL, n);
+        if (R->big == NULL) {
+            return -1;
+        }
     }
     R->big_chid = exn_get_be32s(p + 1);
     have = avail - (EXN_FRAME_HEADER_SIZE + A_PREFIX);
@@ -1517,12 +1620,43 @@ read_more(receiver_t *R, PyObject **reason)
             n = r == 0 ? 1 : r == 1 ? 0 : -1;
         }
         else {
+            size_t room;
             if (prepare_read(R) < 0) {
                 return -1;
             }
+            room = R->cap - R->end;
+            if (R->big != NULL) {
+                /* Its bytes are in: read its STOP opcode and no further
+                   than the header of what follows (see below). */
+                room = 1 + EXN_FRAME_HEADER_SIZE + A_PREFIX;
+            }
+            else if (R->end == R->start) {
+                if (spare_any(R)) {
+                    int r;
+                    /* Wait a moment for more: a sender between two
+                       payloads is not idle. */
+                    Py_BEGIN_ALLOW_THREADS
+                    r = exn_fdio_poll(rfd, POLLIN, SPARE_IDLE_MS);
+                    Py_END_ALLOW_THREADS
+                    if (r == 0) {
+                        /* The stream is idle: let go of kept payloads. */
+                        spare_clear(R);
+                    }
+                }
+                if (R->after_big) {
+                    /* Another big payload may follow: read only as far
+                       as its header, so that its bytes are read straight
+                       into their object and not copied there. */
+                    R->after_big = 0;
+                    room = EXN_FRAME_HEADER_SIZE + A_PREFIX;
+                }
+            }
+            if (room > R->cap - R->end) {
+                room = R->cap - R->end;
+            }
             /* Block in read() without the GIL: the senders need it. */
             Py_BEGIN_ALLOW_THREADS
-            n = exn_fdio_read(rfd, R->buf + R->end, R->cap - R->end);
+            n = exn_fdio_read(rfd, R->buf + R->end, room);
             saved_errno = errno;
             Py_END_ALLOW_THREADS
             if (n > 0) {
@@ -1641,6 +1775,7 @@ engine_run_receiver(EngineObject *self, PyObject *const *args,
 
 done:
     Py_XDECREF(R.big);
+    spare_clear(&R);
     free(R.buf);
     Py_XDECREF(R.acquire);
     Py_XDECREF(R.release);
@@ -1694,6 +1829,9 @@ static PyMemberDef engine_members[] = {
      "The fd frames are read from."},
     {"wfd", T_INT, offsetof(EngineObject, wfd), READONLY,
      "The fd frames are written to."},
+    {"recycled", T_PYSSIZET, offsetof(EngineObject, recycled), READONLY,
+     "How many big bytes payloads were read into an object a consumer\n"
+     "had dropped, instead of a fresh one (a statistic)."},
     {NULL, 0, 0, 0, NULL},
 };
 

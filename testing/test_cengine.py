@@ -971,6 +971,60 @@ def test_receiver_big_bytes_read_straight_into_the_object(fds):
     assert rec.dispatched == [(DATA, 1, gateway_base._py_dumps_payload(big))]
 
 
+def test_receiver_recycles_only_big_payloads_nobody_holds(fds):
+    # A big payload the consumer has dropped may take the next one of the
+    # same size; one still referenced (directly, through a memoryview or a
+    # container) must never change, and a recycled one must not keep the
+    # hash of its old contents.
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+    engine.set_route(1, q)
+    rec = Receiver(engine)
+    size = 400_000     # more than the receive buffer: read in place
+    sent, kept, views = [], [], []
+    for i in range(40):
+        blob = os.urandom(size)
+        sent.append(blob)
+        os.write(w, pure_frame(DATA, 1, blob))
+        got = q.get(10)
+        assert got == blob
+        assert hash(got) == hash(blob)   # caches the hash in `got`
+        if i % 5 == 0:
+            kept.append((i, got))
+        elif i % 5 == 1:
+            views.append((i, memoryview(got)))
+        del got
+    assert engine.recycled > 0, "no payload was recycled"
+    for i, obj in kept:
+        assert obj == sent[i]
+    for i, view in views:
+        assert view == sent[i]
+    # another size is never read into a kept object of the old size
+    other = os.urandom(size + 1)
+    os.write(w, pure_frame(DATA, 1, other))
+    assert q.get(10) == other
+    os.close(w)
+    assert str(rec.join()) == "connection closed"
+
+
+def test_receiver_lets_go_of_kept_payloads_when_idle(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    q = _execnet.ChannelQueue()
+    engine.set_route(1, q)
+    rec = Receiver(engine)
+    os.write(w, pure_frame(DATA, 1, os.urandom(400_000)))
+    got = q.get(10)
+    base = sys.getrefcount(object())    # a temporary: just the argument
+    deadline = time.monotonic() + 10
+    while sys.getrefcount(got) > base + 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sys.getrefcount(got) == base + 1, "receiver still holds it"
+    os.close(w)
+    rec.join()
+
+
 def test_receiver_stops_when_the_peer_closes(fds):
     a, b = c_pair(fds)
     rec = Receiver(b)

@@ -68,7 +68,7 @@ STOCK_VERSION = "2.1.2"
 
 STREAM_FULL = {"n0": 2000, "nmax": 5_000_000, "target": 0.75, "recv_timeout": 60}
 STREAM_QUICK = {"n0": 1000, "nmax": 1_000_000, "target": 0.12, "recv_timeout": 20}
-BULK_FULL = {"size": 1 << 20, "n0": 4, "nmax": 400, "target": 0.75, "recv_timeout": 60}
+BULK_FULL = {"size": 1 << 20, "n0": 4, "nmax": 8000, "target": 0.75, "recv_timeout": 60}
 BULK_QUICK = {"size": 1 << 20, "n0": 4, "nmax": 64, "target": 0.12, "recv_timeout": 20}
 REPORT_FULL = {"n0": 500, "nmax": 2_000_000, "target": 0.75, "recv_timeout": 60}
 REPORT_QUICK = {"n0": 300, "nmax": 500_000, "target": 0.12, "recv_timeout": 20}

@@ -315,8 +315,10 @@ def stream(params):
 
 BULK_R2L_REMOTE = """
 import os
-n, size = channel.receive()
+size = channel.receive()
 blob = os.urandom(size)
+channel.send(None)
+n = channel.receive()
 send = channel.send
 for i in range(n):
     send(blob)
@@ -343,8 +345,12 @@ def bulk(params):
     if params["direction"] == "r2l":
         def run_once(n):
             ch = gw.remote_exec(BULK_R2L_REMOTE)
+            # The blob is made before the clock starts: os.urandom(1 MiB)
+            # takes milliseconds, which is not transfer time.
+            ch.send(size)
+            ch.receive(timeout)
             t0 = perf()
-            ch.send((n, size))
+            ch.send(n)
             for _ in range(n):
                 b = ch.receive(timeout)
                 if len(b) != size:
