@@ -37,6 +37,20 @@
  * the peer surely read its pages, see "Zero-copy big bytes"), and the
  * final 'Q'.
  *
+ * Deferred writes.  A lone thread sending a stream of small messages
+ * would pay one write() -- and usually a wake-up of the peer's reader --
+ * per message.  So when the role is free but the previous frame was
+ * appended less than DEFER_NS ago, the sender hands the role to the
+ * engine's flusher (a plain pthread, started on the first such burst,
+ * that never touches Python objects) and returns; the sends that follow
+ * find the role taken and just append, and the flusher writes them in
+ * batches.  Everything else is unchanged: the role still has one holder,
+ * the stream order is the append order, close_write() and big sends wait
+ * for the role and so for the flusher, and a write error of the flusher
+ * is raised by the next send.  A sender spaced further apart (a request
+ * and its reply) still writes its frame itself, at once.  The flusher
+ * exits after FLUSHER_IDLE_S without work; dealloc stops it.
+ *
  * mu is a plain pthread mutex, not a PyThread lock: on Linux every
  * PyThread_acquire_lock*() call reads the monotonic clock to compute a
  * deadline, even for a try-lock, and that was a fifth of a small send.
@@ -54,7 +68,9 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <structmember.h>
+#include <time.h>
 
 #define MSG_CHANNEL_DATA 4
 
@@ -65,6 +81,11 @@
 #define HIGH_WATER ((size_t)1 << 20)
 /* Outgoing buffers bigger than this are freed after use. */
 #define KEEP_WBUF ((size_t)4 << 20)
+/* A frame appended within this long after the previous one is left to
+   the flusher if the role is free (see "Deferred writes" above). */
+#define DEFER_NS ((uint64_t)10000)
+/* An idle flusher exits after this long. */
+#define FLUSHER_IDLE_S 2
 /* Receive buffer: first size, and the size above which an emptied buffer
    shrinks back. */
 #define RBUF_SIZE ((size_t)256 * 1024)
@@ -286,6 +307,18 @@ typedef struct {
     int unread_at_close;        /* mu; the pipe held unread bytes (or we
                                    could not tell) when wfd was closed */
 
+    /* The flusher; see "Deferred writes" at the top of the file. */
+    pthread_cond_t fl_cv;       /* with mu: wakes the flusher (fl_job,
+                                   fl_stop) and dealloc (its exit) */
+    int fl_cv_ready;
+    int fl_running;             /* mu; a flusher thread exists */
+    int fl_job;                 /* mu; the role was handed to it */
+    int fl_stop;                /* mu; dealloc: exit once idle */
+    int fl_errno;               /* mu; its write failed: sends raise */
+    unsigned long fl_gen;       /* fork_gen when it was started */
+    uint64_t last_append_ns;    /* mu; when the last frame was handed off */
+    Py_ssize_t flushed;         /* batches the flusher wrote (atomic) */
+
     int receiving;              /* GIL; run_receiver() is running */
     Py_ssize_t recycled;        /* GIL; big payloads read into a kept
                                    object (see RECYCLE_MAX) */
@@ -373,6 +406,11 @@ mu_unlock(EngineObject *self)
 static int
 check_open(EngineObject *self)
 {
+    if (self->broken && self->fl_errno != 0) {
+        errno = self->fl_errno;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     if (self->broken) {
         PyErr_SetString(PyExc_OSError,
                         "cannot send: an interrupted write lost data on "
@@ -545,6 +583,37 @@ write_some(EngineObject *self, struct iovec *v, int cnt, int splice,
     return 0;
 }
 
+/* The role holder found `fill` empty (mu held, so no sender can append
+   unseen in between): close the fd if close_write() asked for it, keep
+   the holder's buffer `out` as the spare, and give the role up -- to a
+   waiting thread if there is one.  No GIL needed. */
+static void
+give_up_role(EngineObject *self, exn_rawbuf *out)
+{
+    if (self->wclosed && !self->fd_closed) {
+        /* Unread bytes may be pages of held objects: see engine_dealloc. */
+        self->unread_at_close = exn_fdio_unread(self->wfd) != 0;
+        (void)exn_fdio_close(self->wfd);
+        self->fd_closed = 1;
+    }
+    if (self->spare.data == NULL) {
+        self->spare = *out;
+    }
+    else {
+        free(out->data);
+    }
+    out->data = NULL;
+    out->len = out->cap = 0;
+    self->role_owner = 0;
+    if (self->role_waiters > 0) {
+        /* Hand the role over: writer_active stays set. */
+        PyThread_release_lock(self->role_sem);
+    }
+    else {
+        self->writer_active = 0;
+    }
+}
+
 /* run_writer, and if `splice_at` >= 0, extra[splice_at] (a bytes object's
    buffer) goes out with vmsplice if the engine can.  *splice_end is then
    set, before anything is written, to the stream offset just past the
@@ -627,28 +696,7 @@ run_writer_ex(EngineObject *self, const struct iovec *extra, int nextra,
             break;
         }
     }
-    /* Nothing pending: give the role up (mu held, so no sender can append
-       unseen in between). */
-    if (self->wclosed && !self->fd_closed) {
-        /* Unread bytes may be pages of held objects: see engine_dealloc. */
-        self->unread_at_close = exn_fdio_unread(self->wfd) != 0;
-        (void)exn_fdio_close(self->wfd);
-        self->fd_closed = 1;
-    }
-    if (self->spare.data == NULL) {
-        self->spare = out;
-    }
-    else {
-        free(out.data);
-    }
-    self->role_owner = 0;
-    if (self->role_waiters > 0) {
-        /* Hand the role over: writer_active stays set. */
-        PyThread_release_lock(self->role_sem);
-    }
-    else {
-        self->writer_active = 0;
-    }
+    give_up_role(self, &out);
     pthread_mutex_unlock(&self->mu);
     PyEval_RestoreThread(ts);
     if (self->held_head < self->held_len) {
@@ -668,6 +716,193 @@ run_writer_ex(EngineObject *self, const struct iovec *extra, int nextra,
     return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* The flusher (see "Deferred writes" at the top)                      */
+/* ------------------------------------------------------------------ */
+
+/* Bumped in a child process after fork(): flushers started before it do
+   not exist there. */
+static unsigned long fork_gen;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void
+on_fork_child(void)
+{
+    fork_gen++;
+}
+
+static void
+register_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+static uint64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Write all of buf, without the GIL.  0, or an errno. */
+static int
+write_all_nogil(int fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t r = write(fd, buf, len);
+        if (r >= 0) {
+            buf += r;
+            len -= (size_t)r;
+            continue;
+        }
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            (void)exn_fdio_poll(fd, POLLOUT, -1);
+            continue;
+        }
+        return errno;
+    }
+    return 0;
+}
+
+/* The flusher thread: whenever handed the role (fl_job), write `fill`
+   until it is empty, then give the role up.  Touches no Python object
+   and never takes the GIL. */
+static void *
+flusher_main(void *arg)
+{
+    EngineObject *self = arg;
+    exn_rawbuf out = {NULL, 0, 0};
+
+    pthread_mutex_lock(&self->mu);
+    for (;;) {
+        if (!self->fl_job) {
+            struct timespec deadline;
+            if (self->fl_stop) {
+                break;
+            }
+            clock_gettime(CLOCK_MONOTONIC, &deadline);
+            deadline.tv_sec += FLUSHER_IDLE_S;
+            if (pthread_cond_timedwait(&self->fl_cv, &self->mu, &deadline)
+                    == ETIMEDOUT && !self->fl_job) {
+                break;      /* idle: the next burst starts another */
+            }
+            continue;
+        }
+        self->fl_job = 0;
+        out = self->spare;
+        self->spare.data = NULL;
+        self->spare.len = self->spare.cap = 0;
+        while (self->fill.len > 0) {
+            exn_rawbuf tmp = self->fill;
+            int err;
+
+            self->fill = out;
+            out = tmp;
+            pthread_mutex_unlock(&self->mu);
+            err = write_all_nogil(self->wfd, out.data, out.len);
+            if (err == 0) {
+                __atomic_add_fetch(&self->wtotal, (uint64_t)out.len,
+                                   __ATOMIC_RELEASE);
+                __atomic_add_fetch(&self->flushed, 1, __ATOMIC_RELAXED);
+            }
+            out.len = 0;
+            if (out.cap > KEEP_WBUF) {
+                free(out.data);
+                out.data = NULL;
+                out.cap = 0;
+            }
+            pthread_mutex_lock(&self->mu);
+            if (err != 0) {
+                /* Frames are lost: the next send raises this error. */
+                self->fill.len = 0;
+                self->fl_errno = err;
+                self->broken = 1;
+                break;
+            }
+        }
+        give_up_role(self, &out);
+    }
+    self->fl_running = 0;
+    pthread_cond_broadcast(&self->fl_cv);       /* dealloc may wait */
+    pthread_mutex_unlock(&self->mu);
+    return NULL;
+}
+
+/* Start the flusher (mu held).  0, or -1 (no exception set: the caller
+   then writes itself). */
+static int
+start_flusher(EngineObject *self)
+{
+    pthread_attr_t attr;
+    pthread_t thread;
+    sigset_t all, old;
+    int rc;
+
+    if (!self->fl_cv_ready) {
+        pthread_condattr_t ca;
+        if (pthread_condattr_init(&ca) != 0) {
+            return -1;
+        }
+        (void)pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        rc = pthread_cond_init(&self->fl_cv, &ca);
+        pthread_condattr_destroy(&ca);
+        if (rc != 0) {
+            return -1;
+        }
+        self->fl_cv_ready = 1;
+    }
+    if (pthread_attr_init(&attr) != 0) {
+        return -1;
+    }
+    (void)pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    (void)pthread_attr_setstacksize(&attr, 64 * 1024);
+    /* Signals go to the other threads: Python handles them there. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&thread, &attr, flusher_main, self);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        return -1;
+    }
+    self->fl_running = 1;
+    self->fl_stop = 0;
+    self->fl_gen = fork_gen;
+    return 0;
+}
+
+/* With mu held and the role just taken by this sender: leave the writing
+   to the flusher if this frame follows the previous one closely (1), or
+   not (0: the caller writes). */
+static int
+defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
+{
+    if (self->wclosed || now - prev > DEFER_NS) {
+        return 0;
+    }
+    if (self->fl_running && self->fl_gen != fork_gen) {
+        /* Started before a fork(): no such thread in this process, and
+           fl_cv may still count it as a waiter.  Start afresh (the old
+           condition variable is abandoned, not destroyed: destroying
+           one with a waiter that never wakes may block). */
+        self->fl_running = 0;
+        self->fl_job = 0;
+        self->fl_cv_ready = 0;
+    }
+    if (!self->fl_running && start_flusher(self) < 0) {
+        return 0;
+    }
+    self->role_owner = 0;
+    self->fl_job = 1;
+    pthread_cond_signal(&self->fl_cv);
+    return 1;
+}
+
 /* Called with the GIL and mu held, after appending to `fill` (or after a
    failed attempt to).  Releases mu.  Sees to it that `fill` gets written:
    becomes the writer if the role is free; else leaves the frames to the
@@ -677,12 +912,20 @@ static int
 hand_off(EngineObject *self)
 {
     unsigned long me = PyThread_get_thread_ident();
+    uint64_t now, prev;
 
     if (self->fill.len == 0 && !(self->wclosed && !self->fd_closed)) {
         mu_unlock(self);
         return 0;
     }
+    now = monotonic_ns();
+    prev = self->last_append_ns;
+    self->last_append_ns = now;
     if (try_role(self)) {
+        if (defer_to_flusher(self, now, prev)) {
+            mu_unlock(self);
+            return 0;
+        }
         mu_unlock(self);
         return run_writer(self, NULL, 0);
     }
@@ -1829,6 +2072,9 @@ static PyMemberDef engine_members[] = {
      "The fd frames are read from."},
     {"wfd", T_INT, offsetof(EngineObject, wfd), READONLY,
      "The fd frames are written to."},
+    {"flushed", T_PYSSIZET, offsetof(EngineObject, flushed), READONLY,
+     "How many batches of frames the background flusher wrote (a\n"
+     "statistic; see doc/internals.rst)."},
     {"recycled", T_PYSSIZET, offsetof(EngineObject, recycled), READONLY,
      "How many big bytes payloads were read into an object a consumer\n"
      "had dropped, instead of a fresh one (a statistic)."},
@@ -1925,6 +2171,25 @@ engine_dealloc(EngineObject *self)
 
     PyObject_GC_UnTrack(self);
     (void)engine_clear(self);
+    if (self->mu_ready && self->fl_cv_ready) {
+        /* Stop the flusher; it finishes a job in progress first. */
+        pthread_mutex_lock(&self->mu);
+        if (self->fl_running && self->fl_gen == fork_gen) {
+            self->fl_stop = 1;
+            pthread_cond_broadcast(&self->fl_cv);
+            Py_BEGIN_ALLOW_THREADS
+            while (self->fl_running) {
+                pthread_cond_wait(&self->fl_cv, &self->mu);
+            }
+            Py_END_ALLOW_THREADS
+        }
+        pthread_mutex_unlock(&self->mu);
+        if (!self->fl_running) {
+            /* (Still "running" only in a child of a fork(): see
+               defer_to_flusher.) */
+            pthread_cond_destroy(&self->fl_cv);
+        }
+    }
     if (self->mu_ready) {
         pthread_mutex_destroy(&self->mu);
     }
@@ -2011,6 +2276,7 @@ static PyType_Spec engine_spec = {
 int
 exn_engine_init(PyObject *m, exn_module_state *st)
 {
+    (void)pthread_once(&atfork_once, register_atfork);
     st->EngineType = (PyTypeObject *)PyType_FromModuleAndSpec(
         m, &engine_spec, NULL);
     if (st->EngineType == NULL) {

@@ -1089,6 +1089,126 @@ def test_many_small_messages_both_ways(fds):
     rb.join()
 
 
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def burst(engine, n, chid=1):
+    for i in range(n):
+        engine.send(DATA, chid, i)
+
+
+def test_a_burst_goes_out_whole_and_in_order_through_the_flusher(fds):
+    # Sends close together are left to the flusher; close_write() waits for
+    # it, so every frame is out, in order, when it returns.
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    n = 20000
+    burst(engine, n)
+    engine.close_write()
+    frames = split_frames(reader.result())
+    assert frames == [(DATA, 1, gateway_base._py_dumps_payload(i))
+                      for i in range(n)]
+    assert engine.flushed > 0, "the flusher was never used"
+
+
+def test_big_send_after_a_burst_keeps_the_order(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    big = os.urandom(300_000)
+    for round in range(5):
+        burst(engine, 500)
+        engine.send(DATA, 2, big)   # waits for the role: after the burst
+    engine.close_write()
+    frames = split_frames(reader.result())
+    expect = ([(DATA, 1, gateway_base._py_dumps_payload(i)) for i in range(500)]
+              + [(DATA, 2, gateway_base._py_dumps_payload(big))]) * 5
+    assert frames == expect
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_flusher_stops_with_its_engine_and_when_idle(fds):
+    base = os_threads()
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    reader = Reader(r)
+    burst(engine, 5000)
+    assert wait_for(lambda: engine.flushed > 0)
+    # an idle flusher exits by itself (after about two seconds)
+    assert wait_for(lambda: os_threads() == base + 1), "idle flusher stayed"
+    burst(engine, 5000)          # a new burst starts a new one
+    assert os_threads() == base + 2
+    del engine                   # dealloc stops it (no close_write)
+    gc.collect()
+    assert wait_for(lambda: os_threads() == base + 1), "flusher outlived its engine"
+    os.close(w)
+    assert len(split_frames(reader.result())) == 10000
+
+
+def test_a_failing_background_write_is_raised_by_a_later_send(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    burst(engine, 1000)          # the flusher is running
+    os.close(r)                  # the peer goes away mid-stream
+    errors = []
+    for i in range(20000):
+        try:
+            engine.send(DATA, 1, i)
+        except OSError as exc:
+            errors.append(exc)
+    with pytest.raises(OSError) as info:
+        engine.send(DATA, 1, "after")
+    import errno
+    assert info.value.errno == errno.EPIPE
+    assert errors and all(e.errno == errno.EPIPE for e in errors)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_flusher_after_fork(fds):
+    # A child inherits the engine but not its flusher thread: a burst there
+    # must start its own instead of waiting on one that does not exist.
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    burst(engine, 300)
+    one = len(pure_frame(DATA, 1, 1))
+    assert wait_for(lambda: unread(r) >= 300 * one and engine.flushed > 0)
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover - the child
+        code = 1
+        try:
+            burst(engine, 300, chid=2)
+            engine.close_write()
+            code = 0
+        finally:
+            os._exit(code)
+    status = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the child hung sending a burst")
+    assert os.waitstatus_to_exitcode(status) == 0
+    engine.close_write()
+    frames = split_frames(read_all(r))
+    assert [f[1] for f in frames] == [1] * 300 + [2] * 300
+
+
 # ---------------------------------------------------------------------------
 # C engine <-> pure engine
 
