@@ -4,8 +4,12 @@
    in a scratch copy of the tree and run the C-facing tests under it.
 2. valgrind: run the serializer and channel-queue tests on the normal build
    and fail on definite leaks.
+3. tsan: ThreadSanitizer build of the extension, the engine tests under it
+   (the senders, the writer role, the flusher thread and the receiver).
+   TSan needs address-space randomization off here: run under setarch -R.
 
-Usage: python testing/check_memory.py [asan] [valgrind]   (default: both)
+Usage: python testing/check_memory.py [asan] [valgrind] [tsan]
+(default: asan and valgrind)
 """
 import os
 import shutil
@@ -16,8 +20,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASAN_TESTS = ["testing/test_cserializer.py", "testing/test_cengine.py",
               "testing/test_serializer.py", "testing/test_channel.py"]
+# Under valgrind everything runs ~50x slower: sends are never close enough
+# together for the flusher, nor consumers quick enough for payload
+# recycling, so the tests asserting that those engage are left out there.
 VALGRIND_TESTS = ["testing/test_cserializer.py", "testing/test_cengine.py",
-                  "-k", "not sigint and not gateway and not pure_master"]
+                  "-k", "not sigint and not gateway and not pure_master"
+                        " and not flusher and not burst and not recycl"]
 
 
 def copy_tree(dest):
@@ -29,16 +37,24 @@ def copy_tree(dest):
         shutil.copy2(os.path.join(ROOT, name), target)
 
 
+def sanitized_build(tmp, sanitize):
+    copy_tree(tmp)
+    env = dict(os.environ, EXECNET_SANITIZE=sanitize,
+               EXECNET_DEBUG_BUILD="1", EXECNET_REQUIRE_EXTENSIONS="1",
+               EXECNET_WERROR="1")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                   cwd=tmp, env=env, check=True)
+
+
+def gcc_lib(name):
+    return subprocess.run(["gcc", "-print-file-name=" + name],
+                          capture_output=True, text=True).stdout.strip()
+
+
 def asan():
-    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"],
-                             capture_output=True, text=True).stdout.strip()
+    libasan = gcc_lib("libasan.so")
     with tempfile.TemporaryDirectory(prefix="execnet-asan-") as tmp:
-        copy_tree(tmp)
-        env = dict(os.environ, EXECNET_SANITIZE="address,undefined",
-                   EXECNET_DEBUG_BUILD="1", EXECNET_REQUIRE_EXTENSIONS="1",
-                   EXECNET_WERROR="1")
-        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                       cwd=tmp, env=env, check=True)
+        sanitized_build(tmp, "address,undefined")
         env = dict(os.environ, LD_PRELOAD=libasan, PYTHONMALLOC="malloc",
                    ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
@@ -48,6 +64,24 @@ def asan():
                               "-p", "no:xdist", "-p", "no:cov"] + ASAN_TESTS,
                              cwd=tmp, env=env)
         return run.returncode
+
+
+def tsan():
+    libtsan = gcc_lib("libtsan.so")
+    with tempfile.TemporaryDirectory(prefix="execnet-tsan-") as tmp:
+        sanitized_build(tmp, "thread")
+        env = dict(os.environ, LD_PRELOAD=libtsan, PYTHONMALLOC="malloc",
+                   TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0",
+                   EXECNET_NO_EXTENSIONS="")
+        env.pop("PYTHONDEVMODE", None)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "-p", "no:xdist", "-p", "no:cov", "testing/test_cengine.py",
+               # forking under TSan and the gateway tests (whose children
+               # inherit LD_PRELOAD) are out of its scope
+               "-k", "not fork and not gateway and not pure_master"]
+        if shutil.which("setarch"):
+            cmd = ["setarch", os.uname().machine, "-R"] + cmd
+        return subprocess.run(cmd, cwd=tmp, env=env).returncode
 
 
 def valgrind():
@@ -72,7 +106,7 @@ def main(args):
     status = 0
     for job in jobs:
         print("\n===== %s =====" % job, flush=True)
-        rc = {"asan": asan, "valgrind": valgrind}[job]()
+        rc = {"asan": asan, "valgrind": valgrind, "tsan": tsan}[job]()
         print("%s: %s" % (job, "ok" if rc == 0 else "FAILED (%d)" % rc), flush=True)
         status = status or rc
     return status
