@@ -316,6 +316,7 @@ typedef struct {
     int fl_stop;                /* mu; dealloc: exit once idle */
     int fl_errno;               /* mu; its write failed: sends raise */
     unsigned long fl_gen;       /* fork_gen when it was started */
+    int batch_bursts;           /* GIL; bursts may go to the flusher */
     uint64_t last_append_ns;    /* mu; when the last frame was handed off */
     Py_ssize_t flushed;         /* batches the flusher wrote (atomic) */
 
@@ -446,12 +447,17 @@ try_role(EngineObject *self)
     return 1;
 }
 
-/* Wait for the writer role (GIL held, mu not held): 0 once it is ours, or
-   -1 with a signal handler's exception set. */
+static uint64_t monotonic_ns(void);
+
+/* Wait for the writer role (GIL held, mu not held) for at most
+   `timeout_ns` (< 0: no limit): 0 once it is ours, 1 on timeout, or -1
+   with a signal handler's exception set. */
 static int
-take_role(EngineObject *self)
+take_role_timed(EngineObject *self, int64_t timeout_ns)
 {
     unsigned long me = PyThread_get_thread_ident();
+    uint64_t deadline = timeout_ns >= 0 ? monotonic_ns() + (uint64_t)timeout_ns
+                                        : 0;
 
     mu_lock(self);
     if (try_role(self)) {
@@ -462,10 +468,16 @@ take_role(EngineObject *self)
     mu_unlock(self);
     for (;;) {
         PyLockStatus r;
+        PY_TIMEOUT_T wait_us = -1;
+        if (timeout_ns >= 0) {
+            uint64_t now = monotonic_ns();
+            wait_us = now >= deadline ? 0
+                                      : (PY_TIMEOUT_T)((deadline - now) / 1000);
+        }
         /* The writer may be blocked in write() for long (a full pipe):
            wait without the GIL. */
         Py_BEGIN_ALLOW_THREADS
-        r = PyThread_acquire_lock_timed(self->role_sem, -1, 1);
+        r = PyThread_acquire_lock_timed(self->role_sem, wait_us, 1);
         Py_END_ALLOW_THREADS
         if (r == PY_LOCK_ACQUIRED) {
             mu_lock(self);
@@ -473,6 +485,18 @@ take_role(EngineObject *self)
             self->role_owner = me;
             mu_unlock(self);
             return 0;
+        }
+        if (r == PY_LOCK_FAILURE) {
+            /* Timed out -- unless the role was handed over meanwhile. */
+            int handed;
+            mu_lock(self);
+            handed = PyThread_acquire_lock(self->role_sem, NOWAIT_LOCK);
+            self->role_waiters--;
+            if (handed) {
+                self->role_owner = me;
+            }
+            mu_unlock(self);
+            return handed ? 0 : 1;
         }
         if (PyErr_CheckSignals() < 0) {
             PyObject *exc;
@@ -496,6 +520,14 @@ take_role(EngineObject *self)
             return -1;
         }
     }
+}
+
+/* Wait for the writer role without a time limit: 0, or -1 with a signal
+   handler's exception set. */
+static int
+take_role(EngineObject *self)
+{
+    return take_role_timed(self, -1);
 }
 
 /* Be the writer: called with the GIL and the role held, mu not held.
@@ -882,7 +914,7 @@ start_flusher(EngineObject *self)
 static int
 defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
 {
-    if (self->wclosed || now - prev > DEFER_NS) {
+    if (!self->batch_bursts || self->wclosed || now - prev > DEFER_NS) {
         return 0;
     }
     if (self->fl_running && self->fl_gen != fork_gen) {
@@ -924,6 +956,7 @@ hand_off(EngineObject *self)
     if (try_role(self)) {
         if (defer_to_flusher(self, now, prev)) {
             mu_unlock(self);
+            release_spliced(self);
             return 0;
         }
         mu_unlock(self);
@@ -934,6 +967,9 @@ hand_off(EngineObject *self)
            by its write loop) checks `fill` under mu before it gives the
            role up, so our frame will go out. */
         mu_unlock(self);
+        /* The flusher cannot drop vmspliced objects (no GIL): its
+           senders do, as its writes free them. */
+        release_spliced(self);
         return 0;
     }
     mu_unlock(self);
@@ -1109,7 +1145,12 @@ hold_spliced(EngineObject *self, PyObject *obj, uint64_t end)
 static void
 release_spliced(EngineObject *self)
 {
-    uint64_t written = __atomic_load_n(&self->wtotal, __ATOMIC_ACQUIRE);
+    uint64_t written;
+
+    if (self->held_head == self->held_len) {
+        return;
+    }
+    written = __atomic_load_n(&self->wtotal, __ATOMIC_ACQUIRE);
 
     while (self->held_head < self->held_len) {
         held_t *h = &self->held[self->held_head];
@@ -1280,6 +1321,68 @@ PyDoc_STRVAR(close_write_doc,
 "\n"
 "Write what is pending, then close the write fd; later sends raise\n"
 "OSError.  Idempotent.  Write errors while flushing are ignored.");
+
+PyDoc_STRVAR(flush_doc,
+"flush($self, timeout=None, /)\n"
+"--\n"
+"\n"
+"Wait until every frame sent so far is written to the fd (by this\n"
+"thread, or by the writer or flusher that holds the writer role), for at\n"
+"most `timeout` seconds (None: no limit).  True when done, False on\n"
+"timeout.  A write error raises OSError, as in send().");
+
+static PyObject *
+engine_flush(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    int64_t timeout_ns = -1;
+    int rc;
+
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "flush() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        double t = PyFloat_AsDouble(args[0]);
+        if (t == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!(t >= 0.0)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "timeout must be a non-negative number");
+            return NULL;
+        }
+        timeout_ns = t > 9e9 ? (int64_t)9e18 : (int64_t)(t * 1e9);
+    }
+    if (load_owner(&self->mu_owner) == me) {
+        /* Inside this thread's own send: the send writes it. */
+        Py_RETURN_TRUE;
+    }
+    mu_lock(self);
+    if (self->fd_closed
+        || (self->fill.len == 0 && !self->writer_active)) {
+        mu_unlock(self);
+        Py_RETURN_TRUE;
+    }
+    if (self->role_owner == me) {
+        /* A signal handler inside our own write loop: it goes on. */
+        mu_unlock(self);
+        Py_RETURN_TRUE;
+    }
+    mu_unlock(self);
+    rc = take_role_timed(self, timeout_ns);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc == 1) {
+        Py_RETURN_FALSE;
+    }
+    if (run_writer(self, NULL, 0) < 0) {
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
 
 static PyObject *
 engine_close_write(EngineObject *self, PyObject *Py_UNUSED(ignored))
@@ -2060,7 +2163,39 @@ engine_set_py2str(EngineObject *self, PyObject *value,
     return 0;
 }
 
+static PyObject *
+engine_get_batch_bursts(EngineObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->batch_bursts);
+}
+
+static int
+engine_set_batch_bursts(EngineObject *self, PyObject *value,
+                        void *Py_UNUSED(closure))
+{
+    int v;
+
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete batch_bursts");
+        return -1;
+    }
+    v = PyObject_IsTrue(value);
+    if (v < 0) {
+        return -1;
+    }
+    mu_lock(self);
+    self->batch_bursts = v;
+    mu_unlock(self);
+    return 0;
+}
+
 static PyGetSetDef engine_getset[] = {
+    {"batch_bursts", (getter)engine_get_batch_bursts,
+     (setter)engine_set_batch_bursts,
+     "Leave bursts of small sends to a background flusher thread (off by\n"
+     "default; see doc/internals.rst).  Then send() may return before its\n"
+     "bytes reach the kernel; flush() and close_write() wait for them.",
+     NULL},
     {"py2str_as_py3str", (getter)engine_get_py2str,
      (setter)engine_set_py2str,
      "Decode old py2 str opcodes of routed data as str (latin-1).", NULL},
@@ -2233,6 +2368,8 @@ engine_dealloc(EngineObject *self)
 static PyMethodDef engine_methods[] = {
     {"send", (PyCFunction)(void (*)(void))engine_send, METH_FASTCALL,
      send_doc},
+    {"flush", (PyCFunction)(void (*)(void))engine_flush, METH_FASTCALL,
+     flush_doc},
     {"close_write", (PyCFunction)engine_close_write, METH_NOARGS,
      close_write_doc},
     {"set_route", (PyCFunction)(void (*)(void))engine_set_route,

@@ -1328,6 +1328,16 @@ class _Engine:
                 self._closed = True
                 _close_fd(self.wfd)
 
+    # every send writes its frame before it returns: nothing to batch
+    batch_bursts = False
+
+    def flush(self, timeout=None):
+        """Wait until every frame sent so far is written; True when done."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._lock.release()
+        return True
+
     def set_route(self, channelid, target):
         """Deliver DATA for ``channelid`` to ``target``: a ChannelQueue or
         a callable."""
@@ -1722,6 +1732,11 @@ class WorkerGateway(BaseGateway):
 
     def serve(self):
         """Run until the master terminates us or goes away, then exit."""
+        if hasattr(type(self._engine), "batch_bursts") and not self.execmodel._green:
+            # a worker streams to the master from its tasks: let the native
+            # engine write bursts in batches, and flush before os._exit()
+            self._engine.batch_bursts = True
+            _flush_before_os_exit(self._engine)
         self._initreceive()
         try:
             if self.execmodel.backend == "main_thread_only":
@@ -1748,6 +1763,26 @@ def _worker_grace():
         return float(os.environ.get("EXECNET_WORKER_GRACE", "2.0"))
     except ValueError:
         return 2.0
+
+
+def _flush_before_os_exit(engine, timeout=2.0):
+    """Make os._exit() in this worker write what its sends left to the
+    engine's flusher first (for at most ``timeout`` seconds), so that data
+    sent right before os._exit() still reaches the master."""
+    real_exit = os._exit
+    pid = os.getpid()
+
+    def _exit(status):
+        if os.getpid() == pid:  # not in a forked child: its copy is stale
+            try:
+                engine.flush(timeout)
+            except BaseException:
+                pass
+        real_exit(status)
+
+    _exit.__doc__ = real_exit.__doc__
+    _exit.__wrapped__ = real_exit
+    os._exit = _exit
 
 
 def serve(rfd, wfd, id="<worker>", execmodel="thread"):

@@ -1107,11 +1107,68 @@ def burst(engine, n, chid=1):
         engine.send(DATA, chid, i)
 
 
+def bursty(r, w):
+    engine = _execnet.Engine(r, w)
+    assert engine.batch_bursts is False
+    engine.batch_bursts = True
+    return engine
+
+
+def test_without_batch_bursts_every_send_is_written_before_it_returns(fds):
+    r, w = fds()
+    engine = _execnet.Engine(r, w)
+    one = len(pure_frame(DATA, 1, 1))
+    for i in range(1, 2001):
+        engine.send(DATA, 1, 1)
+        assert unread(r) == i * one
+    assert engine.flushed == 0
+
+
+def test_flush_waits_for_the_flusher(fds):
+    r, w = fds()
+    engine = bursty(r, w)
+    one = len(pure_frame(DATA, 1, 1))
+    for round in range(20):
+        burst(engine, 1000)
+        assert engine.flush() is True
+        assert unread(r) == 1000 * one
+        os.read(r, 1000 * one)
+    assert engine.flushed > 0
+    assert engine.flush(0) is True
+    with pytest.raises(ValueError):
+        engine.flush(-1)
+    engine.close_write()
+    assert engine.flush() is True
+
+
+def test_flush_times_out_while_the_peer_does_not_read(fds):
+    r, w = fds()
+    engine = bursty(r, w)
+    blob = b"x" * 60000
+    done = threading.Event()
+
+    def fill():
+        try:
+            while True:       # until the pipe is full and the flusher blocks
+                engine.send(DATA, 1, blob)
+        except OSError:
+            pass
+        done.set()
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    assert wait_for(lambda: unread(r) > 900_000)
+    t0 = time.monotonic()
+    assert engine.flush(0.2) is False
+    assert 0.15 < time.monotonic() - t0 < 5
+    os.close(r)               # the peer goes: the blocked writers get EPIPE
+    assert done.wait(10)
+
+
 def test_a_burst_goes_out_whole_and_in_order_through_the_flusher(fds):
     # Sends close together are left to the flusher; close_write() waits for
     # it, so every frame is out, in order, when it returns.
     r, w = fds()
-    engine = _execnet.Engine(r, w)
+    engine = bursty(r, w)
     reader = Reader(r)
     n = 20000
     burst(engine, n)
@@ -1124,7 +1181,7 @@ def test_a_burst_goes_out_whole_and_in_order_through_the_flusher(fds):
 
 def test_big_send_after_a_burst_keeps_the_order(fds):
     r, w = fds()
-    engine = _execnet.Engine(r, w)
+    engine = bursty(r, w)
     reader = Reader(r)
     big = os.urandom(300_000)
     for round in range(5):
@@ -1141,7 +1198,7 @@ def test_big_send_after_a_burst_keeps_the_order(fds):
 def test_flusher_stops_with_its_engine_and_when_idle(fds):
     base = os_threads()
     r, w = fds()
-    engine = _execnet.Engine(r, w)
+    engine = bursty(r, w)
     reader = Reader(r)
     burst(engine, 5000)
     assert wait_for(lambda: engine.flushed > 0)
@@ -1158,7 +1215,7 @@ def test_flusher_stops_with_its_engine_and_when_idle(fds):
 
 def test_a_failing_background_write_is_raised_by_a_later_send(fds):
     r, w = fds()
-    engine = _execnet.Engine(r, w)
+    engine = bursty(r, w)
     burst(engine, 1000)          # the flusher is running
     os.close(r)                  # the peer goes away mid-stream
     errors = []
@@ -1179,7 +1236,7 @@ def test_flusher_after_fork(fds):
     # A child inherits the engine but not its flusher thread: a burst there
     # must start its own instead of waiting on one that does not exist.
     r, w = fds()
-    engine = _execnet.Engine(r, w)
+    engine = bursty(r, w)
     burst(engine, 300)
     one = len(pure_frame(DATA, 1, 1))
     assert wait_for(lambda: unread(r) >= 300 * one and engine.flushed > 0)

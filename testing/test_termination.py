@@ -91,6 +91,26 @@ def test_data_sent_before_death_is_received(gw):
         ch.receive(10)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_os_exit_in_a_forked_child_of_a_worker(gw):
+    # os._exit() in a worker first writes what its sends left to the
+    # flusher; in a forked child it must neither wait for a flusher that
+    # does not exist there nor disturb the parent's stream.
+    ch = gw.remote_exec("""
+        import os
+        for i in range(3000):
+            channel.send(i)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        channel.send("done")
+    """)
+    got = [ch.receive(10) for _ in range(3001)]
+    assert got == list(range(3000)) + ["done"]
+    ch.waitclose(10)
+
+
 @pytest.mark.parametrize("how", ["kill", "exit"])
 def test_worker_exits_when_master_dies(how):
     code = textwrap.dedent("""
