@@ -1732,7 +1732,7 @@ class WorkerGateway(BaseGateway):
 
     def serve(self):
         """Run until the master terminates us or goes away, then exit."""
-        if hasattr(type(self._engine), "batch_bursts") and not self.execmodel._green:
+        if _native is not None and isinstance(self._engine, _native.Engine):
             # a worker streams to the master from its tasks: let the native
             # engine write bursts in batches, and flush before os._exit()
             self._engine.batch_bursts = True
