@@ -39,10 +39,12 @@
  *
  * Deferred writes.  A lone thread sending a stream of small messages
  * would pay one write() -- and usually a wake-up of the peer's reader --
- * per message.  So when the role is free but the previous frame was
- * appended less than DEFER_NS ago, the sender hands the role to the
- * engine's flusher (a plain pthread, started on the first such burst,
- * that never touches Python objects) and returns; the sends that follow
+ * per message.  So, on an engine with batch_bursts set (workers set it;
+ * it is off by default, see doc/internals.rst for why), when the role is
+ * free but the previous frame was appended less than DEFER_NS ago, the
+ * sender hands the role to the engine's flusher (a plain pthread,
+ * started on the first such burst, that never touches Python objects)
+ * and returns; the sends that follow
  * find the role taken and just append, and the flusher writes them in
  * batches.  Everything else is unchanged: the role still has one holder,
  * the stream order is the append order, close_write() and big sends wait
