@@ -952,11 +952,16 @@ hand_off(EngineObject *self)
         mu_unlock(self);
         return 0;
     }
-    now = monotonic_ns();
-    prev = self->last_append_ns;
-    self->last_append_ns = now;
+    if (self->batch_bursts) {
+        now = monotonic_ns();
+        prev = self->last_append_ns;
+        self->last_append_ns = now;
+    }
+    else {
+        now = prev = 0;
+    }
     if (try_role(self)) {
-        if (defer_to_flusher(self, now, prev)) {
+        if (self->batch_bursts && defer_to_flusher(self, now, prev)) {
             mu_unlock(self);
             release_spliced(self);
             return 0;
