@@ -473,8 +473,10 @@ take_role_timed(EngineObject *self, int64_t timeout_ns)
         PY_TIMEOUT_T wait_us = -1;
         if (timeout_ns >= 0) {
             uint64_t now = monotonic_ns();
-            wait_us = now >= deadline ? 0
-                                      : (PY_TIMEOUT_T)((deadline - now) / 1000);
+            uint64_t left_us = now >= deadline ? 0 : (deadline - now) / 1000;
+            wait_us = left_us > (uint64_t)PY_TIMEOUT_MAX
+                          ? (PY_TIMEOUT_T)PY_TIMEOUT_MAX
+                          : (PY_TIMEOUT_T)left_us;
         }
         /* The writer may be blocked in write() for long (a full pipe):
            wait without the GIL. */
