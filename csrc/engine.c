@@ -784,23 +784,18 @@ monotonic_ns(void)
 
 /* Write all of buf, without the GIL.  0, or an errno. */
 static int
-write_all_nogil(int fd, const char *buf, size_t len)
+write_all_nogil(int fd, char *buf, size_t len)
 {
-    while (len > 0) {
-        ssize_t r = write(fd, buf, len);
-        if (r >= 0) {
-            buf += r;
-            len -= (size_t)r;
-            continue;
-        }
-        if (errno == EINTR) {
-            continue;
-        }
+    struct iovec iov = {buf, len}, *v = &iov;
+    int cnt = 1;
+
+    while (exn_fdio_writev_all(fd, &v, &cnt) < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
             (void)exn_fdio_poll(fd, POLLOUT, -1);
-            continue;
         }
-        return errno;
+        else if (errno != EINTR) {
+            return errno;
+        }
     }
     return 0;
 }
@@ -2148,66 +2143,40 @@ done:
 /* Attributes                                                          */
 /* ------------------------------------------------------------------ */
 
+/* An int flag of the engine, at byte offset `closure`, as a bool
+   attribute (read and set with the GIL). */
 static PyObject *
-engine_get_py2str(EngineObject *self, void *Py_UNUSED(closure))
+engine_get_flag(EngineObject *self, void *closure)
 {
-    return PyBool_FromLong(self->py2str);
+    return PyBool_FromLong(*(int *)((char *)self + (size_t)closure));
 }
 
 static int
-engine_set_py2str(EngineObject *self, PyObject *value,
-                  void *Py_UNUSED(closure))
+engine_set_flag(EngineObject *self, PyObject *value, void *closure)
 {
     int v;
+
     if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError,
-                        "cannot delete py2str_as_py3str");
+        PyErr_SetString(PyExc_AttributeError, "cannot delete this attribute");
         return -1;
     }
     v = PyObject_IsTrue(value);
     if (v < 0) {
         return -1;
     }
-    self->py2str = v;
-    return 0;
-}
-
-static PyObject *
-engine_get_batch_bursts(EngineObject *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->batch_bursts);
-}
-
-static int
-engine_set_batch_bursts(EngineObject *self, PyObject *value,
-                        void *Py_UNUSED(closure))
-{
-    int v;
-
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "cannot delete batch_bursts");
-        return -1;
-    }
-    v = PyObject_IsTrue(value);
-    if (v < 0) {
-        return -1;
-    }
-    mu_lock(self);
-    self->batch_bursts = v;
-    mu_unlock(self);
+    *(int *)((char *)self + (size_t)closure) = v;
     return 0;
 }
 
 static PyGetSetDef engine_getset[] = {
-    {"batch_bursts", (getter)engine_get_batch_bursts,
-     (setter)engine_set_batch_bursts,
+    {"batch_bursts", (getter)engine_get_flag, (setter)engine_set_flag,
      "Leave bursts of small sends to a background flusher thread (off by\n"
      "default; see doc/internals.rst).  Then send() may return before its\n"
      "bytes reach the kernel; flush() and close_write() wait for them.",
-     NULL},
-    {"py2str_as_py3str", (getter)engine_get_py2str,
-     (setter)engine_set_py2str,
-     "Decode old py2 str opcodes of routed data as str (latin-1).", NULL},
+     (void *)offsetof(EngineObject, batch_bursts)},
+    {"py2str_as_py3str", (getter)engine_get_flag, (setter)engine_set_flag,
+     "Decode old py2 str opcodes of routed data as str (latin-1).",
+     (void *)offsetof(EngineObject, py2str)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
