@@ -77,6 +77,10 @@ extern PyModuleDef exn_module_def;
    is set (module.c). */
 PyObject *exn_fetch_exception(void);
 
+/* Raise `exc` (an exception instance) again; the reference is stolen
+   (module.c). */
+void exn_restore_exception(PyObject *exc);
+
 /* Return the state of the module object `module` (never NULL). */
 static inline exn_module_state *
 exn_state(PyObject *module)

@@ -64,17 +64,6 @@ member(ChannelBaseObject *self, PyObject *value, const char *name)
 
 /* Raise the exception instance `exc` (the reference is stolen) as it is,
    without chaining it to the exception being handled. */
-static void
-restore_exception(PyObject *exc)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(exc);
-#else
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
-                  PyException_GetTraceback(exc));
-#endif
-}
-
 /* (Re)fill the send cache from self->gateway.  0, or -1 with an exception
    set (AttributeError if the gateway lacks _engine or
    _pending_last_messages, TypeError if the latter is not a list). */
@@ -139,12 +128,12 @@ raise_remote_error(ChannelBaseObject *self, exn_module_state *st)
         /* Raised while handling the EOFError: chain it as its context. */
         PyObject *exc = exn_fetch_exception();
         PyException_SetContext(exc, eof);
-        restore_exception(exc);
+        exn_restore_exception(exc);
         return NULL;
     }
     if (error == Py_None) {
         Py_DECREF(error);
-        restore_exception(eof);
+        exn_restore_exception(eof);
         return NULL;
     }
     if (!PyExceptionInstance_Check(error)) {
@@ -153,14 +142,14 @@ raise_remote_error(ChannelBaseObject *self, exn_module_state *st)
                         "exceptions must derive from BaseException");
         error = exn_fetch_exception();
         PyException_SetContext(error, eof);
-        restore_exception(error);
+        exn_restore_exception(error);
         return NULL;
     }
     /* `from None`: no cause and the context suppressed; both setters steal
        a reference. */
     PyException_SetContext(error, eof);
     PyException_SetCause(error, NULL);
-    restore_exception(error);
+    exn_restore_exception(error);
     return NULL;
 }
 

@@ -412,6 +412,18 @@ exn_fetch_exception(void)
 #endif
 }
 
+/* Raise `exc` again (the reference is stolen). */
+void
+exn_restore_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
+                  PyException_GetTraceback(exc));
+#endif
+}
+
 /* GC: visit every object reference held in the state. */
 static int
 module_traverse(PyObject *module, visitproc visit, void *arg)
