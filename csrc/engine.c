@@ -95,22 +95,30 @@ route_hash(int32_t key, size_t mask)
     return ((uint32_t)key * 2654435761u) & mask;
 }
 
+/* The slot holding `key`, or the free slot that ends its probe run
+   (there must be slots: cap > 0). */
+static inline size_t
+route_probe(const route_map *m, int32_t key)
+{
+    size_t mask = m->cap - 1, i;
+
+    for (i = route_hash(key, mask); m->slots[i].target != NULL;
+         i = (i + 1) & mask) {
+        if (m->slots[i].key == key) {
+            break;
+        }
+    }
+    return i;
+}
+
 /* The target routed for `key` (borrowed), or NULL. */
 PyObject *
 exn_route_get(route_map *m, int32_t key)
 {
-    size_t mask, i;
     if (m->count == 0) {
         return NULL;
     }
-    mask = m->cap - 1;
-    for (i = route_hash(key, mask); m->slots[i].target != NULL;
-         i = (i + 1) & mask) {
-        if (m->slots[i].key == key) {
-            return m->slots[i].target;
-        }
-    }
-    return NULL;
+    return m->slots[route_probe(m, key)].target;
 }
 
 /* Resize to `newcap` slots.  0, or -1 with MemoryError. */
@@ -146,7 +154,7 @@ route_resize(route_map *m, size_t newcap)
 static PyObject *
 route_set(route_map *m, int32_t key, PyObject *target, int *err)
 {
-    size_t mask, i;
+    size_t i;
 
     *err = 0;
     if ((m->count + 1) * 2 > m->cap
@@ -154,14 +162,11 @@ route_set(route_map *m, int32_t key, PyObject *target, int *err)
         *err = 1;
         return NULL;
     }
-    mask = m->cap - 1;
-    for (i = route_hash(key, mask); m->slots[i].target != NULL;
-         i = (i + 1) & mask) {
-        if (m->slots[i].key == key) {
-            PyObject *old = m->slots[i].target;
-            m->slots[i].target = Py_NewRef(target);
-            return old;
-        }
+    i = route_probe(m, key);
+    if (m->slots[i].target != NULL) {
+        PyObject *old = m->slots[i].target;
+        m->slots[i].target = Py_NewRef(target);
+        return old;
     }
     m->slots[i].key = key;
     m->slots[i].target = Py_NewRef(target);
@@ -181,12 +186,7 @@ route_del(route_map *m, int32_t key)
         return NULL;
     }
     mask = m->cap - 1;
-    for (i = route_hash(key, mask); m->slots[i].target != NULL;
-         i = (i + 1) & mask) {
-        if (m->slots[i].key == key) {
-            break;
-        }
-    }
+    i = route_probe(m, key);
     if (m->slots[i].target == NULL) {
         return NULL;
     }

@@ -51,34 +51,38 @@ def gcc_lib(name):
                           capture_output=True, text=True).stdout.strip()
 
 
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+          "-p", "no:xdist", "-p", "no:cov"]
+
+
+def checked_env(**extra):
+    """The environment for a checked test run: the native core on, dev
+    mode off, CPython's allocator replaced by malloc (so the tools see
+    every allocation)."""
+    env = dict(os.environ, PYTHONMALLOC="malloc", EXECNET_NO_EXTENSIONS="",
+               **extra)
+    env.pop("PYTHONDEVMODE", None)
+    return env
+
+
 def asan():
-    libasan = gcc_lib("libasan.so")
     with tempfile.TemporaryDirectory(prefix="execnet-asan-") as tmp:
         sanitized_build(tmp, "address,undefined")
-        env = dict(os.environ, LD_PRELOAD=libasan, PYTHONMALLOC="malloc",
-                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
-                   EXECNET_NO_EXTENSIONS="")
-        env.pop("PYTHONDEVMODE", None)
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "-p", "no:xdist", "-p", "no:cov"] + ASAN_TESTS,
-                             cwd=tmp, env=env)
-        return run.returncode
+        env = checked_env(LD_PRELOAD=gcc_lib("libasan.so"),
+                       ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                       UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+        return subprocess.run(PYTEST + ASAN_TESTS, cwd=tmp, env=env).returncode
 
 
 def tsan():
-    libtsan = gcc_lib("libtsan.so")
     with tempfile.TemporaryDirectory(prefix="execnet-tsan-") as tmp:
         sanitized_build(tmp, "thread")
-        env = dict(os.environ, LD_PRELOAD=libtsan, PYTHONMALLOC="malloc",
-                   TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0",
-                   EXECNET_NO_EXTENSIONS="")
-        env.pop("PYTHONDEVMODE", None)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-               "-p", "no:xdist", "-p", "no:cov", "testing/test_cengine.py",
-               # forking under TSan and the gateway tests (whose children
-               # inherit LD_PRELOAD) are out of its scope
-               "-k", "not fork and not gateway and not pure_master"]
+        env = checked_env(LD_PRELOAD=gcc_lib("libtsan.so"),
+                       TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0")
+        cmd = PYTEST + ["testing/test_cengine.py",
+                        # forking under TSan and the gateway tests (whose
+                        # children inherit LD_PRELOAD) are out of its scope
+                        "-k", "not fork and not gateway and not pure_master"]
         if shutil.which("setarch"):
             cmd = ["setarch", os.uname().machine, "-R"] + cmd
         return subprocess.run(cmd, cwd=tmp, env=env).returncode
@@ -88,15 +92,13 @@ def valgrind():
     if not shutil.which("valgrind"):
         print("valgrind is not installed", file=sys.stderr)
         return 1
-    env = dict(os.environ, PYTHONMALLOC="malloc", EXECNET_NO_EXTENSIONS="")
-    env.pop("PYTHONDEVMODE", None)
+    env = checked_env()
     run = subprocess.run(
         ["valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite",
          "--undef-value-errors=no",  # CPython itself trips these (no _execnet frames)
          "--suppressions=" + os.path.join(ROOT, "testing", "valgrind.supp"),
-         "--show-leak-kinds=definite", "--error-exitcode=97", "--quiet",
-         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", "-p", "no:cov"] + VALGRIND_TESTS,
+         "--show-leak-kinds=definite", "--error-exitcode=97", "--quiet"]
+        + PYTEST + VALGRIND_TESTS,
         cwd=ROOT, env=env)
     return run.returncode
 
