@@ -67,6 +67,14 @@ typedef struct {
        module, so their memory is never reused under a reader (engine.c). */
     PyObject *retired;
 
+    /* Short ASCII strings the decoder made lately (dict keys, outcomes,
+       ...), direct-mapped by a hash of their bytes: a string that comes
+       again is shared instead of decoded, allocated and hashed anew
+       (unserialize.c).  Cleared with the module. */
+#define EXN_STRCACHE_SIZE 512
+#define EXN_STRCACHE_MAXLEN 48
+    PyObject *strcache[EXN_STRCACHE_SIZE];
+
     /* Other areas (frames, channel queue, receiver) add their types and
        objects below; module.c traverses and clears every PyObject * here. */
 } exn_module_state;

@@ -473,6 +473,10 @@ module_clear(PyObject *module)
     Py_CLEAR(st->EngineType);
     Py_CLEAR(st->ChannelBaseType);
     Py_CLEAR(st->retired);
+    /* (The cached strings are no GC containers: nothing to traverse.) */
+    for (int i = 0; i < EXN_STRCACHE_SIZE; i++) {
+        Py_CLEAR(st->strcache[i]);
+    }
     return 0;
 }
 

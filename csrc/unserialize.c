@@ -36,6 +36,7 @@ typedef struct {
     const unsigned char *p;
     const unsigned char *end;
     PyObject *LoadError;         /* strong ref for the call */
+    PyObject **strcache;         /* the module's (EXN_STRCACHE_SIZE), or NULL */
     PyObject *channel_factory;   /* borrowed; NULL if none */
     int py2str_as_py3str;
     Py_ssize_t list_budget;      /* list slots 'K' may still allocate */
@@ -267,13 +268,54 @@ get_double(const unsigned char *p)
     return d;
 }
 
+/* A short ASCII string from the cache, or a new one put there; NULL
+   (no exception) if `s` is not short ASCII text or there is no cache,
+   or NULL with MemoryError. */
+static PyObject *
+cached_ascii(loader_t *L, const unsigned char *s, Py_ssize_t n)
+{
+    uint32_t h = 2166136261u;
+    unsigned char high = 0;
+    PyObject **slot, *str;
+
+    if (L->strcache == NULL || n > EXN_STRCACHE_MAXLEN) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        high |= s[i];
+        h = (h ^ s[i]) * 16777619u;
+    }
+    if (high & 0x80) {
+        return NULL;
+    }
+    slot = &L->strcache[(h ^ (h >> 16)) & (EXN_STRCACHE_SIZE - 1)];
+    str = *slot;
+    /* Only compact ASCII strings made below are ever stored. */
+    if (str != NULL && PyUnicode_GET_LENGTH(str) == n
+        && memcmp(PyUnicode_1BYTE_DATA(str), s, (size_t)n) == 0) {
+        return Py_NewRef(str);
+    }
+    str = PyUnicode_New(n, 127);
+    if (str == NULL) {
+        return NULL;
+    }
+    memcpy(PyUnicode_1BYTE_DATA(str), s, (size_t)n);
+    Py_XSETREF(*slot, Py_NewRef(str));
+    return str;
+}
+
 /* Decode UTF-8 text for 'N'/'S'.  New reference, or NULL with LoadError
    (or MemoryError). */
 static PyObject *
 decode_utf8(loader_t *L, unsigned char op, Py_ssize_t off,
             const unsigned char *s, Py_ssize_t n)
 {
-    PyObject *result = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+    PyObject *result = cached_ascii(L, s, n);
+
+    if (result != NULL || PyErr_Occurred()) {
+        return result;
+    }
+    result = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
     if (result == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
         char opname[24];
         describe_op(op, opname, sizeof(opname));
@@ -637,6 +679,11 @@ exn_unserialize_loads(exn_module_state *st, const unsigned char *data,
     L.p = data;
     L.end = data + len;
     L.LoadError = Py_NewRef(st->LoadError);
+#ifdef Py_GIL_DISABLED
+    L.strcache = NULL;          /* the cache relies on the GIL */
+#else
+    L.strcache = st->strcache;
+#endif
     L.channel_factory = channel_factory;
     L.py2str_as_py3str = py2str_as_py3str;
     L.list_budget = len / MIN_LIST_ITEM_SIZE;

@@ -150,6 +150,28 @@ def test_utf8_encoding_matches_codec():
         assert loads(dumps(s)) == s
 
 
+def test_short_strings_decode_right_through_the_cache():
+    # Short ASCII strings are shared through a small direct-mapped cache:
+    # whatever collides or is evicted, every decoded string is the right
+    # one, exactly a str, with the right hash.
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyz_$[]:/.-0123456789"
+    words = ["", "a", "passed", "call", "\x7f", "x" * 47, "y" * 48, "z" * 49,
+             "caf\xe9", "\u65e5\u672c", "a\x00b"]
+    words += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 50)))
+              for _ in range(3000)]
+    for _ in range(3):
+        rng.shuffle(words)
+        batch = loads(dumps(words))
+        assert batch == words
+        for got, want in zip(batch, words):
+            assert type(got) is str and hash(got) == hash(want)
+        keyed = loads(dumps({w: i for i, w in enumerate(words)}))
+        assert keyed == {w: i for i, w in enumerate(words)}
+    # an interned-looking key and the same text as a value stay equal
+    assert loads(dumps({"k": "k", "kk": ["k", "kk"]})) == {"k": "k", "kk": ["k", "kk"]}
+
+
 def test_large_bytes_single_payload():
     data = os.urandom(1 << 20) * 3
     out = dumps(data)
