@@ -44,6 +44,7 @@ class Gateway(gateway_base.BaseGateway):
         self.spec = spec
         self.remoteaddress = getattr(io, "remoteaddress", None)
         super().__init__(io.rfd, io.wfd, spec.id, execmodel, _startcount=1)
+        gateway_base._batch_bursts(self)
         self._initreceive()
 
     def __repr__(self):

@@ -1732,11 +1732,7 @@ class WorkerGateway(BaseGateway):
 
     def serve(self):
         """Run until the master terminates us or goes away, then exit."""
-        if _native is not None and isinstance(self._engine, _native.Engine):
-            # a worker streams to the master from its tasks: let the native
-            # engine write bursts in batches, and flush before os._exit()
-            self._engine.batch_bursts = True
-            _flush_before_os_exit(self._engine)
+        _batch_bursts(self)
         self._initreceive()
         try:
             if self.execmodel.backend == "main_thread_only":
@@ -1765,19 +1761,42 @@ def _worker_grace():
         return 2.0
 
 
-def _flush_before_os_exit(engine, timeout=2.0):
-    """Make os._exit() in this worker write what its sends left to the
-    engine's flusher first (for at most ``timeout`` seconds), so that data
-    sent right before os._exit() still reaches the master."""
+_EXIT_FLUSH_TIMEOUT = 2.0
+_exit_flush_gateways = None  # gateways os._exit() flushes first (a WeakSet)
+
+
+def _batch_bursts(gateway):
+    """Let the native engine of ``gateway`` write bursts of small sends in
+    batches (its flusher thread; see doc/internals.rst), and make
+    os._exit() in this process write what such sends left pending first,
+    so that data sent right before os._exit() still arrives."""
+    global _exit_flush_gateways
+    engine = gateway._engine
+    if _native is None or not isinstance(engine, _native.Engine):
+        return
+    if _exit_flush_gateways is None:
+        import weakref
+
+        _exit_flush_gateways = weakref.WeakSet()
+        _wrap_os_exit(_exit_flush_gateways)
+    _exit_flush_gateways.add(gateway)
+    engine.batch_bursts = True
+
+
+def _wrap_os_exit(gateways):
     real_exit = os._exit
     pid = os.getpid()
 
     def _exit(status):
-        if os.getpid() == pid:  # not in a forked child: its copy is stale
-            try:
-                engine.flush(timeout)
-            except BaseException:
-                pass
+        if os.getpid() == pid:  # not in a forked child: its copies are stale
+            import time
+
+            deadline = time.monotonic() + _EXIT_FLUSH_TIMEOUT
+            for gw in list(gateways):
+                try:
+                    gw._engine.flush(max(0.0, deadline - time.monotonic()))
+                except BaseException:
+                    pass
         real_exit(status)
 
     _exit.__doc__ = real_exit.__doc__

@@ -91,6 +91,39 @@ def test_data_sent_before_death_is_received(gw):
         ch.receive(10)
 
 
+MASTER_EXIT_CODE = r"""
+import os, sys, execnet
+gw = execnet.makegateway("popen")
+ch = gw.remote_exec(
+    "n = 0\n"
+    "while True:\n"
+    "    try:\n"
+    "        channel.receive()\n"
+    "    except EOFError:\n"
+    "        break\n"
+    "    n += 1\n"
+    "with open(%r, 'w') as f:\n"
+    "    f.write(str(n))\n" % sys.argv[1])
+for i in range(20000):
+    ch.send(i)
+os._exit(0)
+"""
+
+
+def test_master_data_sent_before_os_exit_is_received(tmp_path):
+    # The master's sends may be batched too: its os._exit() writes what
+    # is pending first, so the worker still gets every item.
+    out = tmp_path / "count"
+    proc = run_python(MASTER_EXIT_CODE.replace("sys.argv[1]", repr(str(out))))
+    assert proc.returncode == 0, proc.stderr
+    # the worker writes its count when the connection ends
+    deadline = time.monotonic() + 15
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline, "the worker never reported"
+        time.sleep(0.02)
+    assert out.read_text() == "20000"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_os_exit_in_a_forked_child_of_a_worker(gw):
     # os._exit() in a worker first writes what its sends left to the
