@@ -39,8 +39,9 @@
  *
  * Deferred writes.  A lone thread sending a stream of small messages
  * would pay one write() -- and usually a wake-up of the peer's reader --
- * per message.  So, on an engine with batch_bursts set (workers set it;
- * it is off by default, see doc/internals.rst for why), when the role is
+ * per message.  So, on an engine with batch_bursts set (gateways set it;
+ * a bare Engine has it off; doc/internals.rst says what guards the data
+ * it leaves pending at exit), when the role is
  * free but the previous frame was appended less than DEFER_NS ago, the
  * sender hands the role to the engine's flusher (a plain pthread,
  * started on the first such burst, that never touches Python objects)
