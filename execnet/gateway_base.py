@@ -1762,7 +1762,7 @@ def _worker_grace():
 
 
 _EXIT_FLUSH_TIMEOUT = 2.0
-_exit_flush_gateways = None  # gateways os._exit() flushes first (a WeakSet)
+_exit_flush = (None, None)  # (pid, WeakSet of the gateways os._exit() flushes)
 
 
 def _batch_bursts(gateway):
@@ -1770,16 +1770,20 @@ def _batch_bursts(gateway):
     batches (its flusher thread; see doc/internals.rst), and make
     os._exit() in this process write what such sends left pending first,
     so that data sent right before os._exit() still arrives."""
-    global _exit_flush_gateways
+    global _exit_flush
     engine = gateway._engine
     if _native is None or not isinstance(engine, _native.Engine):
         return
-    if _exit_flush_gateways is None:
+    pid, gateways = _exit_flush
+    if pid != os.getpid():
+        # the first gateway of this process (a forked child starts afresh:
+        # the wrapper it inherited flushes only in its parent)
         import weakref
 
-        _exit_flush_gateways = weakref.WeakSet()
-        _wrap_os_exit(_exit_flush_gateways)
-    _exit_flush_gateways.add(gateway)
+        gateways = weakref.WeakSet()
+        _wrap_os_exit(gateways)
+        _exit_flush = (os.getpid(), gateways)
+    gateways.add(gateway)
     engine.batch_bursts = True
 
 

@@ -124,6 +124,47 @@ def test_master_data_sent_before_os_exit_is_received(tmp_path):
     assert out.read_text() == "20000"
 
 
+FORKED_MASTER_EXIT_CODE = r"""
+import os, sys, execnet
+REMOTE = (
+    "n = 0\n"
+    "while True:\n"
+    "    try:\n"
+    "        channel.receive()\n"
+    "    except EOFError:\n"
+    "        break\n"
+    "    n += 1\n"
+    "with open(%r, 'w') as f:\n"
+    "    f.write(str(n))\n" % OUT)
+first = execnet.makegateway("popen")   # the parent's os._exit wrapper
+pid = os.fork()
+if pid == 0:
+    gw = execnet.makegateway("popen")  # the child's first gateway
+    ch = gw.remote_exec(REMOTE)
+    for i in range(20000):
+        ch.send(i)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+first.exit()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_master_data_sent_before_os_exit_is_received(tmp_path):
+    # A forked child that makes gateways of its own flushes them at
+    # os._exit() too (the wrapper it inherited only flushes the parent's).
+    out = tmp_path / "count"
+    code = "OUT = %r\n" % str(out) + FORKED_MASTER_EXIT_CODE
+    proc = run_python(code, env={"PYTHONWARNINGS": "ignore::DeprecationWarning"})
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 15
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline, "the worker never reported"
+        time.sleep(0.02)
+    assert out.read_text() == "20000"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_os_exit_in_a_forked_child_of_a_worker(gw):
     # os._exit() in a worker first writes what its sends left to the
