@@ -91,42 +91,12 @@ def test_data_sent_before_death_is_received(gw):
         ch.receive(10)
 
 
-MASTER_EXIT_CODE = r"""
+# Master-side scripts for the os._exit() tests: COUNTER, run on the
+# worker, counts what arrives until the connection ends and writes the
+# count to the file OUT.
+EXIT_PRELUDE = r"""
 import os, sys, execnet
-gw = execnet.makegateway("popen")
-ch = gw.remote_exec(
-    "n = 0\n"
-    "while True:\n"
-    "    try:\n"
-    "        channel.receive()\n"
-    "    except EOFError:\n"
-    "        break\n"
-    "    n += 1\n"
-    "with open(%r, 'w') as f:\n"
-    "    f.write(str(n))\n" % sys.argv[1])
-for i in range(20000):
-    ch.send(i)
-os._exit(0)
-"""
-
-
-def test_master_data_sent_before_os_exit_is_received(tmp_path):
-    # The master's sends may be batched too: its os._exit() writes what
-    # is pending first, so the worker still gets every item.
-    out = tmp_path / "count"
-    proc = run_python(MASTER_EXIT_CODE.replace("sys.argv[1]", repr(str(out))))
-    assert proc.returncode == 0, proc.stderr
-    # the worker writes its count when the connection ends
-    deadline = time.monotonic() + 15
-    while not out.exists() or not out.read_text():
-        assert time.monotonic() < deadline, "the worker never reported"
-        time.sleep(0.02)
-    assert out.read_text() == "20000"
-
-
-FORKED_MASTER_EXIT_CODE = r"""
-import os, sys, execnet
-REMOTE = (
+COUNTER = (
     "n = 0\n"
     "while True:\n"
     "    try:\n"
@@ -136,33 +106,51 @@ REMOTE = (
     "    n += 1\n"
     "with open(%r, 'w') as f:\n"
     "    f.write(str(n))\n" % OUT)
-first = execnet.makegateway("popen")   # the parent's os._exit wrapper
-pid = os.fork()
-if pid == 0:
-    gw = execnet.makegateway("popen")  # the child's first gateway
-    ch = gw.remote_exec(REMOTE)
+
+def burst_then_os_exit():
+    gw = execnet.makegateway("popen")
+    ch = gw.remote_exec(COUNTER)
     for i in range(20000):
         ch.send(i)
     os._exit(0)
-_, status = os.waitpid(pid, 0)
-first.exit()
-sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def count_after_os_exit(tmp_path, code):
+    """Run the master script ``code`` (after EXIT_PRELUDE); return what its
+    worker counted."""
+    out = tmp_path / "count"
+    proc = run_python("OUT = %r\n" % str(out) + EXIT_PRELUDE + code,
+                      env={"PYTHONWARNINGS": "ignore::DeprecationWarning"})
+    assert proc.returncode == 0, proc.stderr
+    # the worker writes its count when the connection ends
+    deadline = time.monotonic() + 15
+    while not out.exists() or not out.read_text():
+        assert time.monotonic() < deadline, "the worker never reported"
+        time.sleep(0.02)
+    return out.read_text()
+
+
+def test_master_data_sent_before_os_exit_is_received(tmp_path):
+    # The master's sends may be batched too: its os._exit() writes what
+    # is pending first, so the worker still gets every item.
+    assert count_after_os_exit(tmp_path, "burst_then_os_exit()\n") == "20000"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_master_data_sent_before_os_exit_is_received(tmp_path):
     # A forked child that makes gateways of its own flushes them at
     # os._exit() too (the wrapper it inherited only flushes the parent's).
-    out = tmp_path / "count"
-    code = "OUT = %r\n" % str(out) + FORKED_MASTER_EXIT_CODE
-    proc = run_python(code, env={"PYTHONWARNINGS": "ignore::DeprecationWarning"})
-    assert proc.returncode == 0, proc.stderr
-    deadline = time.monotonic() + 15
-    while not out.exists() or not out.read_text():
-        assert time.monotonic() < deadline, "the worker never reported"
-        time.sleep(0.02)
-    assert out.read_text() == "20000"
+    code = """
+first = execnet.makegateway("popen")   # the parent's os._exit wrapper
+pid = os.fork()
+if pid == 0:
+    burst_then_os_exit()                # the child's first gateway
+_, status = os.waitpid(pid, 0)
+first.exit()
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    assert count_after_os_exit(tmp_path, code) == "20000"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
