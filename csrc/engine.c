@@ -509,6 +509,19 @@ write_some(EngineObject *self, struct iovec *v, int cnt, int splice,
     return 0;
 }
 
+/* A batch in `out` was written: empty it for reuse, or free it if it
+   grew too big to keep. */
+static void
+written_out(exn_rawbuf *out)
+{
+    out->len = 0;
+    if (out->cap > KEEP_WBUF) {
+        free(out->data);
+        out->data = NULL;
+        out->cap = 0;
+    }
+}
+
 /* The role holder found `fill` empty (mu held, so no sender can append
    unseen in between): close the fd if close_write() asked for it, keep
    the holder's buffer `out` as the spare, and give the role up -- to a
@@ -607,12 +620,7 @@ run_writer_ex(EngineObject *self, const struct iovec *extra, int nextra,
             err = write_some(self, cur, cnt, 0, &ts, &pending_exc, &abort);
         }
         splice_at = -1;
-        out.len = 0;
-        if (out.cap > KEEP_WBUF) {
-            free(out.data);
-            out.data = NULL;
-            out.cap = 0;
-        }
+        written_out(&out);
         pthread_mutex_lock(&self->mu);
         if (err || abort) {
             self->fill.len = 0;
@@ -731,12 +739,7 @@ flusher_main(void *arg)
                                    __ATOMIC_RELEASE);
                 __atomic_add_fetch(&self->flushed, 1, __ATOMIC_RELAXED);
             }
-            out.len = 0;
-            if (out.cap > KEEP_WBUF) {
-                free(out.data);
-                out.data = NULL;
-                out.cap = 0;
-            }
+            written_out(&out);
             pthread_mutex_lock(&self->mu);
             if (err != 0) {
                 /* Frames are lost: the next send raises this error. */
@@ -797,13 +800,13 @@ start_flusher(EngineObject *self)
     return 0;
 }
 
-/* With mu held and the role just taken by this sender: leave the writing
-   to the flusher if this frame follows the previous one closely (1), or
-   not (0: the caller writes). */
+/* With mu held, batch_bursts set and the role just taken by this sender:
+   leave the writing to the flusher if this frame follows the previous one
+   closely (1), or not (0: the caller writes). */
 static int
 defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
 {
-    if (!self->batch_bursts || self->wclosed || now - prev > DEFER_NS) {
+    if (self->wclosed || now - prev > DEFER_NS) {
         return 0;
     }
     if (self->fl_running && self->fl_gen != fork_gen) {
