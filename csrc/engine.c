@@ -707,6 +707,10 @@ flusher_main(void *arg)
     EngineObject *self = arg;
     exn_rawbuf out = {NULL, 0, 0};
 
+#if defined(__linux__) && defined(__GLIBC__)
+    /* Visible as such in top -H, gdb and /proc/<pid>/task/<tid>/comm. */
+    (void)pthread_setname_np(pthread_self(), "execnet-flusher");
+#endif
     pthread_mutex_lock(&self->mu);
     for (;;) {
         if (!self->fl_job) {

@@ -1089,10 +1089,6 @@ def test_many_small_messages_both_ways(fds):
     rb.join()
 
 
-def os_threads():
-    return len(os.listdir("/proc/self/task"))
-
-
 def wait_for(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -1195,20 +1191,38 @@ def test_big_send_after_a_burst_keeps_the_order(fds):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def flusher_tids():
+    """The ids of this process's flusher threads (they name themselves)."""
+    tids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/comm" % tid) as f:
+                if f.read().strip() == "execnet-flusher":
+                    tids.add(tid)
+        except OSError:
+            pass            # the thread just ended
+    return tids
+
+
 def test_flusher_stops_with_its_engine_and_when_idle(fds):
-    base = os_threads()
+    # Flushers of other engines (gateways of earlier tests) may come and go
+    # meanwhile: follow this engine's own by thread id.
+    before = flusher_tids()
     r, w = fds()
     engine = bursty(r, w)
     reader = Reader(r)
     burst(engine, 5000)
     assert wait_for(lambda: engine.flushed > 0)
+    assert wait_for(lambda: flusher_tids() - before)
+    first = flusher_tids() - before
     # an idle flusher exits by itself (after about two seconds)
-    assert wait_for(lambda: os_threads() == base + 1), "idle flusher stayed"
+    assert wait_for(lambda: not first & flusher_tids()), "idle flusher stayed"
     burst(engine, 5000)          # a new burst starts a new one
-    assert os_threads() == base + 2
+    assert wait_for(lambda: flusher_tids() - before - first)
+    second = flusher_tids() - before - first
     del engine                   # dealloc stops it (no close_write)
     gc.collect()
-    assert wait_for(lambda: os_threads() == base + 1), "flusher outlived its engine"
+    assert wait_for(lambda: not second & flusher_tids()), "flusher outlived its engine"
     os.close(w)
     assert len(split_frames(reader.result())) == 10000
 
