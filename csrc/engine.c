@@ -1413,7 +1413,18 @@ engine_set_flag(EngineObject *self, PyObject *value, void *closure)
     return 0;
 }
 
+/* `flushed` is counted by the flusher thread: read it atomically. */
+static PyObject *
+engine_get_flushed(EngineObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(__atomic_load_n(&self->flushed,
+                                              __ATOMIC_RELAXED));
+}
+
 static PyGetSetDef engine_getset[] = {
+    {"flushed", (getter)engine_get_flushed, NULL,
+     "How many batches of frames the background flusher wrote (a\n"
+     "statistic; see doc/internals.rst).", NULL},
     {"batch_bursts", (getter)engine_get_flag, (setter)engine_set_flag,
      "Leave bursts of small sends to a background flusher thread (off by\n"
      "default; see doc/internals.rst).  Then send() may return before its\n"
@@ -1430,9 +1441,6 @@ static PyMemberDef engine_members[] = {
      "The fd frames are read from."},
     {"wfd", T_INT, offsetof(EngineObject, wfd), READONLY,
      "The fd frames are written to."},
-    {"flushed", T_PYSSIZET, offsetof(EngineObject, flushed), READONLY,
-     "How many batches of frames the background flusher wrote (a\n"
-     "statistic; see doc/internals.rst)."},
     {"recycled", T_PYSSIZET, offsetof(EngineObject, recycled), READONLY,
      "How many big bytes payloads were read into an object a consumer\n"
      "had dropped, instead of a fresh one (a statistic)."},
