@@ -7,6 +7,10 @@
 3. tsan: ThreadSanitizer build of the extension, the engine tests under it
    (the senders, the writer role, the flusher thread and the receiver).
    TSan needs address-space randomization off here: run under setarch -R.
+   Not in CI yet: it sometimes reports a race between a test's os.close()
+   of a pipe fd and an earlier read() of it by a receiver thread that the
+   test had already joined (CPython itself is not instrumented); until
+   that is understood it is run by hand.
 
 Usage: python testing/check_memory.py [asan] [valgrind] [tsan]
 (default: asan and valgrind)
