@@ -29,6 +29,11 @@ Each child has a deadline: a stuck child gets a faulthandler stack dump, then
 is killed together with its process group and descendants, and the workload
 is reported as "timeout" (or "failed" with the traceback tail).
 
+For the ping-pong and bulk rows a third column gives the hardware's own
+figure: ``ceiling.c`` (compiled with ``cc`` at the start of the run) does the
+same traffic over the same kind of pipes in plain C, interleaved with the two
+sides, and the last column says what share of it ours reaches.
+
 Output: a table on stdout (progress on stderr), JSON (default
 ``testing/bench/results/latest.json``) and, for a full run of all workloads,
 the markdown snippet ``testing/bench/LATEST.md``.
@@ -140,6 +145,16 @@ WORKLOADS = {
         ("create_ms", "Group of 8 create, ours from a bare venv (same floor as stock)", "ms", "time"),
     ]),
 }
+
+# The hardware's own figure for some rows: ceiling.c does the same traffic
+# over the same kind of pipes in plain C (no interpreter, no protocol), and
+# runs interleaved with the two sides.  name -> (full args, quick args).
+CEILING = {
+    "pingpong": (["pingpong", "20000"], ["pingpong", "2000"]),
+    "bulk_r2l": (["bulk", str(1 << 20), "0.75"], ["bulk", str(1 << 20), "0.12"]),
+    "bulk_l2r": (["bulk", str(1 << 20), "0.75"], ["bulk", str(1 << 20), "0.12"]),
+}
+CEILING_SRC = HERE / "ceiling.c"
 
 # Workloads whose "ours" side runs from a bare venv (made from sys.executable
 # with no packages) instead of sys.executable.  Startup is dominated by the
@@ -318,6 +333,36 @@ def run_child(side: Side, workload: str, params: dict, timeout: float, cwd: str)
     return rec
 
 
+def build_ceiling(cwd):
+    """Compile ceiling.c; its path, or None (the column then stays empty)."""
+    exe = os.path.join(cwd, "ceiling")
+    cc = os.environ.get("CC", "cc")
+    r = subprocess.run([cc, "-O2", "-o", exe, str(CEILING_SRC)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        log("no hardware column: %s could not build ceiling.c:\n%s"
+            % (cc, r.stderr.strip()))
+        return None
+    return exe
+
+
+def run_ceiling(exe, args, timeout):
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([exe] + args, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "wall_s": timeout}
+    rec = {"wall_s": round(time.perf_counter() - t0, 3), "rc": r.returncode}
+    try:
+        rec["result"] = json.loads(r.stdout)
+        rec["status"] = "ok" if r.returncode == 0 else "failed"
+    except ValueError:
+        rec["status"] = "failed"
+        rec["stderr_tail"] = tail(r.stderr)
+    return rec
+
+
 def tail(text, lines=40):
     ls = text.strip().splitlines()
     return "\n".join(ls[-lines:])
@@ -364,6 +409,13 @@ def fmt_num(v, unit):
     return "%.2f" % v
 
 
+def share_text(o, c, kind):
+    """ours as a share of the hardware's figure (100% = the ceiling)."""
+    if o is None or c is None or kind not in ("time", "rate") or not o or not c:
+        return ""
+    return "%.0f%%" % (100 * (c / o if kind == "time" else o / c))
+
+
 def ratio_text(s, o, kind):
     if s is None or o is None or kind == "count":
         return ""
@@ -394,20 +446,35 @@ def build_rows(results):
             sm, om = wl["stock"]["median"], wl["ours"]["median"]
             s = sm.get(key) if sm else None
             o = om.get(key) if om else None
+            cm = wl.get("ceiling", {}).get("median")
+            c = cm.get(key) if cm else None
             rows.append({
                 "workload": name, "metric": key, "label": label, "unit": unit,
                 "kind": kind, "stock": s, "ours": o,
                 "stock_cell": side_cell(wl, "stock", key, unit),
                 "ours_cell": side_cell(wl, "ours", key, unit),
                 "ratio": ratio_text(s, o, kind),
+                "ceiling": c,
+                "ceiling_cell": ((fmt_num(c, unit) + " " + unit).strip()
+                                 if c is not None else ""),
+                "of_ceiling": share_text(o, c, kind),
             })
     return rows
 
 
+TABLE_HEADER = ("workload", "stock", "ours", "ours vs stock", "hardware (C)",
+                "ours of hardware")
+
+
+def table_cells(r):
+    return (r["label"], r["stock_cell"], r["ours_cell"], r["ratio"],
+            r["ceiling_cell"], r["of_ceiling"])
+
+
 def text_table(rows):
-    hdr = ("workload", "stock", "ours", "ours vs stock")
-    data = [(r["label"], r["stock_cell"], r["ours_cell"], r["ratio"]) for r in rows]
-    w = [max(len(x[i]) for x in [hdr] + data) for i in range(4)]
+    hdr = TABLE_HEADER
+    data = [table_cells(r) for r in rows]
+    w = [max(len(x[i]) for x in [hdr] + data) for i in range(len(hdr))]
     out = []
     line = "  ".join(h.ljust(w[i]) if i == 0 else h.rjust(w[i]) for i, h in enumerate(hdr))
     out.append(line)
@@ -418,10 +485,10 @@ def text_table(rows):
 
 
 def md_table(rows):
-    out = ["| workload | stock | ours | ours vs stock |", "| --- | ---: | ---: | ---: |"]
+    out = ["| " + " | ".join(TABLE_HEADER) + " |",
+           "| --- |" + " ---: |" * (len(TABLE_HEADER) - 1)]
     for r in rows:
-        out.append("| %s | %s | %s | %s |" % (r["label"], r["stock_cell"],
-                                              r["ours_cell"], r["ratio"]))
+        out.append("| " + " | ".join(table_cells(r)) + " |")
     return "\n".join(out)
 
 
@@ -485,6 +552,7 @@ def main(argv=None):
         bare_py = ensure_bare_venv(DEFAULT_BARE_VENV, args.ours_python)
         ours_bare = ours_side(args.engine, str(bare_py))
     cwd = tempfile.mkdtemp(prefix="execnet-bench-")
+    ceiling_exe = build_ceiling(cwd) if CEILING.keys() & set(names) else None
 
     # priming: writes bytecode caches, checks both sides work and who is who
     meta_side = {}
@@ -534,8 +602,16 @@ def main(argv=None):
                     % (i, total, name, side.name, rep + 1, rec["status"], rec["wall_s"], extra))
                 if rec["status"] != "ok":
                     log("    " + rec.get("stderr_tail", "").replace("\n", "\n    "))
+            if ceiling_exe is not None and name in CEILING:
+                cargs = CEILING[name][1 if args.quick else 0]
+                rec = run_ceiling(ceiling_exe, cargs, timeout)
+                wl.setdefault("ceiling", {"args": cargs, "runs": []})["runs"].append(rec)
+                log("[%d/%d] %-15s %-5s rep %d: %-7s %5.1fs"
+                    % (i, total, name, "hw", rep + 1, rec["status"], rec["wall_s"]))
         for side in sides:
             wl[side.name]["median"] = median_result(wl[side.name]["runs"])
+        if "ceiling" in wl:
+            wl["ceiling"]["median"] = median_result(wl["ceiling"]["runs"])
         results[name] = wl
 
     rows = build_rows(results)
