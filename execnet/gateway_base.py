@@ -78,8 +78,9 @@ class GatewayReceivedTerminate(Exception):
 class ExecModel:
     """Threading primitives of one execution model.
 
-    ``thread``: remote_exec'd code runs in threads; ``main_thread_only``:
-    it runs on the main thread, one call after another.
+    ``thread``: remote_exec'd code runs on the worker's main thread when
+    that is idle, else in a new thread; ``main_thread_only``: it runs on the
+    main thread, one call after another.
     """
 
     _green = False  # gevent/eventlet: see _GreenExecModel
@@ -1661,6 +1662,10 @@ class WorkerGateway(BaseGateway):
         self._executing = 0
         self._running = 0
         self._stopping = False
+        # "thread" model: the main thread has a task (queued or running);
+        # cleared before that task's channel closes, so a remote_exec sent
+        # after the close was seen finds the main thread free
+        self._main_busy = False
 
     def _status_dict(self):
         d = super()._status_dict()
@@ -1680,10 +1685,20 @@ class WorkerGateway(BaseGateway):
             with self._tasks_cond:
                 self._tasks.append(task)
                 self._tasks_cond.notify()
-        else:
-            self.execmodel.start(self._run_task, (task,))
+            return
+        if not self.execmodel._green:
+            # The main thread runs the task if it is idle: remote code may
+            # need it (signal.signal() works only there), and it saves a
+            # thread start.  Tasks that come while it is busy get a thread.
+            with self._tasks_cond:
+                if not self._main_busy:
+                    self._main_busy = True
+                    self._tasks.append(task)
+                    self._tasks_cond.notify()
+                    return
+        self.execmodel.start(self._run_task, (task,))
 
-    def _run_task(self, task):
+    def _run_task(self, task, on_main=False):
         channel, source, filename, call_name, kwargs = task
         with self._tasks_cond:
             self._executing += 1  # what remote_status reports
@@ -1701,6 +1716,8 @@ class WorkerGateway(BaseGateway):
             channel._executing = False
             with self._tasks_cond:
                 self._executing -= 1
+                if on_main:
+                    self._main_busy = False
         channel._close(error)
         with self._tasks_cond:
             self._running -= 1
@@ -1735,7 +1752,9 @@ class WorkerGateway(BaseGateway):
         _batch_bursts(self)
         self._initreceive()
         try:
-            if self.execmodel.backend == "main_thread_only":
+            if self.execmodel._green:
+                self._receive_done.wait()
+            else:
                 while True:
                     with self._tasks_cond:
                         while not self._tasks and not self._stopping:
@@ -1743,9 +1762,7 @@ class WorkerGateway(BaseGateway):
                         if not self._tasks:
                             break
                         task = self._tasks.popleft()
-                    self._run_task(task)
-            else:
-                self._receive_done.wait()
+                    self._run_task(task, on_main=True)
         except KeyboardInterrupt:
             pass  # Ctrl-C at the terminal reached us too: shut down quietly
         # give running tasks a moment to notice their closed channels

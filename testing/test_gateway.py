@@ -130,6 +130,43 @@ def test_remote_status(gw):
     ch.waitclose(10)
 
 
+WHERE_AM_I = """
+import threading
+channel.send(threading.current_thread() is threading.main_thread())
+channel.receive()
+"""
+
+
+def test_remote_exec_runs_on_the_idle_main_thread(gw):
+    # one at a time: each runs on the worker's main thread, where remote
+    # code may install signal handlers
+    for _ in range(3):
+        ch = gw.remote_exec("""
+            import signal, threading
+            old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, old)
+            channel.send(threading.current_thread() is threading.main_thread())
+        """)
+        assert ch.receive(10) is True
+        ch.waitclose(10)
+
+
+def test_remote_exec_while_the_main_thread_is_busy(gw):
+    first = gw.remote_exec(WHERE_AM_I)
+    assert first.receive(10) is True
+    others = [gw.remote_exec(WHERE_AM_I) for _ in range(2)]
+    # they run at the same time, in other threads
+    assert [ch.receive(10) for ch in others] == [False, False]
+    first.send(None)
+    first.waitclose(10)
+    # the main thread is free again: the next one gets it
+    again = gw.remote_exec(WHERE_AM_I)
+    assert again.receive(10) is True
+    for ch in others + [again]:
+        ch.send(None)
+        ch.waitclose(10)
+
+
 def test_gateway_attributes_and_repr(makegateway):
     gw = makegateway("popen//id=special")
     assert gw.id == "special"
