@@ -38,7 +38,10 @@ def stage1(rfd):
 _STAGE2 = '''\
 import os, sys
 def _execnet_boot(r, rfd, wfd):
-    if sys.path and sys.path[0] == "":
+    # our own imports must not come from the current directory; remote
+    # code gets it back on sys.path below, as `python -c` has it
+    cwd_entry = bool(sys.path) and sys.path[0] == ""
+    if cwd_entry:
         del sys.path[0]
     env = %(env)r
     if env:
@@ -47,6 +50,7 @@ def _execnet_boot(r, rfd, wfd):
         sys.dont_write_bytecode = True
     chdir = %(chdir)r
     if chdir is not None:
+        os.makedirs(chdir, exist_ok=True)
         os.chdir(chdir)
     if %(nice)r:
         os.nice(%(nice)r)
@@ -91,6 +95,8 @@ def _execnet_boot(r, rfd, wfd):
     os.set_inheritable(rfd, False)
     os.set_inheritable(wfd, False)
     os.write(wfd, b"1")
+    if cwd_entry:
+        sys.path.insert(0, "")
     serve(rfd, wfd, %(id)r, %(execmodel)r)
 _execnet_boot(r, %(rfd)d, %(wfd)d)
 '''

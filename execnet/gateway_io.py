@@ -19,16 +19,13 @@ def popen_args(spec):
 def _remote_stdout(spec):
     """Where a popen child's stdout goes.
 
-    ``stdout=`` in the spec (or EXECNET_REMOTE_STDOUT) chooses: ``stderr``
-    (our stderr: remote print() stays visible without mixing into our own
-    stdout), ``inherit`` (our stdout) or ``devnull``.  The default is
-    ``stderr`` -- except under a pytest-xdist controller, whose workers run
-    whole pytest sessions that print their own reports: xdist expects that
-    output to be discarded, so there the default is ``devnull``.
+    ``stdout=`` in the spec (or EXECNET_REMOTE_STDOUT) chooses: ``devnull``
+    (the default: remote print() output is discarded, as stock execnet has
+    always done -- pytest-xdist's workers print whole sessions that way),
+    ``stderr`` (our stderr: remote print() stays visible without mixing
+    into our own stdout) or ``inherit`` (our stdout).
     """
-    choice = spec.stdout or os.environ.get("EXECNET_REMOTE_STDOUT")
-    if not choice:
-        choice = "devnull" if "xdist.dsession" in sys.modules else "stderr"
+    choice = spec.stdout or os.environ.get("EXECNET_REMOTE_STDOUT") or "devnull"
     if choice == "devnull":
         return subprocess.DEVNULL
     fd = 1 if choice == "inherit" else 2
@@ -44,8 +41,8 @@ def _remote_stdout(spec):
 class Popen2IOMaster:
     """A local subprocess with the protocol on its own pipe pair.
 
-    The child's stdin is /dev/null and its stdout/stderr are ours, so
-    remote print() output shows up here and never touches the protocol.
+    The child's stdin and stdout are /dev/null (see _remote_stdout) and its
+    stderr is ours; remote output never touches the protocol.
     """
 
     remoteaddress = "localhost"

@@ -13,7 +13,7 @@ class XSpec:
     popen = ssh = socket = via = vagrant_ssh = None
     python = chdir = nice = dont_write_bytecode = execmodel = None
     installvia = ssh_config = None
-    stdout = None  # popen: stderr (default), inherit or devnull
+    stdout = None  # popen: devnull (default), stderr or inherit
 
     def __init__(self, string):
         self._spec = string

@@ -20,9 +20,18 @@ def test_remote_exec_string_dedented(gw):
     assert ch.receive(10) == ("__channelexec__", ["-c"])
 
 
-def test_no_empty_string_on_remote_sys_path(gw):
-    ch = gw.remote_exec("import sys; channel.send(sys.path)")
-    assert "" not in ch.receive(10)
+def test_remote_code_imports_from_its_current_directory(makegateway, tmp_path):
+    # as under `python -c`: the current directory (here the chdir=, which
+    # is created if missing) comes first on sys.path for remote code
+    workdir = tmp_path / "not" / "yet"
+    gw = makegateway("popen//chdir=%s" % workdir)
+    (workdir / "localmod_for_remote.py").write_text("VALUE = 42\n")
+    ch = gw.remote_exec("""
+        import os, sys
+        import localmod_for_remote
+        channel.send((sys.path[0], os.getcwd(), localmod_for_remote.VALUE))
+    """)
+    assert ch.receive(10) == ("", str(workdir), 42)
 
 
 def remote_function(channel, a, b=2):
@@ -207,7 +216,7 @@ def test_dont_write_bytecode(makegateway, tmp_path, monkeypatch):
         "import sys; channel.send(sys.dont_write_bytecode)").receive(10)
 
 
-def test_remote_output_reaches_our_stderr(tmp_path):
+def test_remote_stderr_reaches_ours_and_stdout_is_discarded(tmp_path):
     res = run_python(textwrap.dedent("""
         import execnet
         gw = execnet.makegateway()
@@ -220,9 +229,10 @@ def test_remote_output_reaches_our_stderr(tmp_path):
         print("master done")
     """))
     assert res.returncode == 0, res.stderr
-    # remote output is visible, and our own stdout stays ours alone
-    assert "hello from remote" in res.stderr
+    # remote stderr is ours; remote stdout is discarded (as with stock
+    # execnet), and our own stdout stays ours alone
     assert "remote stderr" in res.stderr
+    assert "hello from remote" not in res.stderr
     assert res.stdout == "master done\n"
 
 
@@ -327,14 +337,16 @@ def test_python_dash_m_execnet_remote_error():
 
 
 @pytest.mark.parametrize("choice, where", [("inherit", "stdout"), ("devnull", None),
-                                           ("stderr", "stderr")])
+                                           ("stderr", "stderr"), (None, None)])
 def test_remote_stdout_choice(choice, where):
+    # by default remote print() output is discarded, as stock's is
+    spec = "popen" if choice is None else "popen//stdout=%s" % choice
     res = run_python(textwrap.dedent("""
         import execnet
-        gw = execnet.makegateway("popen//stdout=%s")
+        gw = execnet.makegateway(%r)
         gw.remote_exec("print('remote line')").waitclose(10)
         execnet.default_group.terminate(10)
-    """ % choice))
+    """ % spec))
     assert res.returncode == 0, res.stderr
     assert ("remote line" in res.stdout) == (where == "stdout")
     assert ("remote line" in res.stderr) == (where == "stderr")
