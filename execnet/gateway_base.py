@@ -1493,7 +1493,9 @@ class BaseGateway:
 
         try:
             lines = traceback.format_exception(*excinfo)
-            return "".join(lines)
+            # the text goes over the wire as UTF-8: lone surrogates (from
+            # a message built of undecodable bytes, say) are escaped
+            return "".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
         except Exception as exc:
             return "%s: %s (formatting the traceback failed)" % (
                 type(excinfo[1]).__name__, exc)
@@ -1718,10 +1720,14 @@ class WorkerGateway(BaseGateway):
                 self._executing -= 1
                 if on_main:
                     self._main_busy = False
-        channel._close(error)
-        with self._tasks_cond:
-            self._running -= 1
-            self._tasks_cond.notify_all()
+        try:
+            channel._close(error)
+        except OSError:
+            pass  # the connection is gone: nobody to tell
+        finally:
+            with self._tasks_cond:
+                self._running -= 1
+                self._tasks_cond.notify_all()
 
     def _terminate_execution(self):
         """The receiver ended: stop taking tasks, give running ones the

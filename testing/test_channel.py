@@ -58,6 +58,16 @@ def test_remote_error_then_eof(gw):
         ch.receive(10)
 
 
+def test_remote_error_with_unencodable_text(gw):
+    # a lone surrogate in the message (undecodable bytes, say) is escaped:
+    # the error arrives and the worker goes on serving
+    ch = gw.remote_exec("raise ValueError('bad \\udcff byte')")
+    with pytest.raises(execnet.RemoteError) as excinfo:
+        ch.receive(10)
+    assert excinfo.value.formatted.rstrip().endswith("ValueError: bad \\udcff byte")
+    assert gw.remote_exec("channel.send(2)").receive(10) == 2
+
+
 def test_waitclose_raises_remote_error(gw):
     ch = gw.remote_exec("raise KeyError(42)")
     with pytest.raises(execnet.RemoteError, match="KeyError: 42"):
