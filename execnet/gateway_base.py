@@ -110,10 +110,32 @@ class ExecModel:
         return os.fdopen(fd, mode, bufsize, closefd=closefd)
 
     def Lock(self):
-        return threading.Lock()
+        # stock execnet hands out a re-entrant lock here, and code written
+        # against it may rely on that
+        return threading.RLock()
 
     def RLock(self):
         return threading.RLock()
+
+    # the model's modules, as stock execnet offers them (pytest-xdist 3.6
+    # uses execmodel.queue): imported on first use
+    @property
+    def queue(self):
+        import queue
+
+        return queue
+
+    @property
+    def socket(self):
+        import socket
+
+        return socket
+
+    @property
+    def subprocess(self):
+        import subprocess
+
+        return subprocess
 
     def Event(self):
         return threading.Event()
@@ -226,7 +248,27 @@ class _GreenExecModel(ExecModel):
         return eventlet.greenio.GreenPipe(fd, mode, bufsize)
 
     def Lock(self):
-        return self._sem(1)
+        return self.RLock()  # re-entrant, as for threads
+
+    @property
+    def queue(self):
+        return __import__(self.backend + ".queue", fromlist=["queue"])
+
+    @property
+    def socket(self):
+        if self.backend == "gevent":
+            import gevent.socket as mod
+        else:
+            import eventlet.green.socket as mod
+        return mod
+
+    @property
+    def subprocess(self):
+        if self.backend == "gevent":
+            import gevent.subprocess as mod
+        else:
+            import eventlet.green.subprocess as mod
+        return mod
 
     def RLock(self):
         if self._rlock is None:
@@ -264,7 +306,7 @@ class _GreenCondition:
         import collections
 
         self._sem = model._sem
-        self._lock = lock if lock is not None else model.Lock()
+        self._lock = lock if lock is not None else model._sem(1)
         self._waiters = collections.deque()
 
     def __enter__(self):
@@ -934,7 +976,7 @@ class _GreenChannelQueue(ChannelQueue):
     def __init__(self, execmodel):
         import collections
 
-        self._cond = execmodel.Condition(execmodel.Lock())
+        self._cond = execmodel.Condition(execmodel._sem(1))
         self._items = collections.deque()
         self._closed = False
 
@@ -1406,7 +1448,7 @@ class _GreenEngine(_Engine):
 
     def __init__(self, rfd, wfd, execmodel):
         super().__init__(rfd, wfd)
-        self._lock = execmodel.Lock()
+        self._lock = execmodel._sem(1)
         self._nb_read = execmodel._nb_read
         self._nb_write = execmodel._nb_write
         for fd in {rfd, wfd}:

@@ -5,6 +5,7 @@ operations park the greenlet and let the hub run the others.  Each test runs
 for every model whose library is installed (skipped otherwise).
 """
 import subprocess
+import sys
 import time
 import warnings
 
@@ -502,11 +503,22 @@ def test_primitives(model):
     em = gateway_base.get_execmodel(model)
     assert em is gateway_base.get_execmodel(model)
     assert repr(em) == "<ExecModel %r>" % model
-    lock = em.Lock()
+    lock = em.Lock()  # re-entrant, as stock execnet's
     with lock:
-        assert not lock.acquire(False)
+        with lock:
+            pass
     assert lock.acquire(False)
     lock.release()
+    # the model's own modules, as stock offers them
+    q = em.queue.Queue()
+    q.put(1)
+    assert q.get() == 1
+    with pytest.raises(em.queue.Empty):
+        q.get(block=False)
+    assert callable(em.socket.socket)
+    assert em.subprocess.PIPE is not None
+    expect = "queue" if model in ("thread", "main_thread_only") else model + ".queue"
+    assert em.queue is sys.modules[expect]
     rlock = em.RLock()
     with rlock:
         with rlock:
@@ -561,3 +573,19 @@ def test_library_not_imported_by_gateway_base():
 def test_unknown_model_still_rejected():
     with pytest.raises(ValueError):
         gateway_base.get_execmodel("twisted")
+
+
+@pytest.mark.parametrize("name", ["thread", "main_thread_only"])
+def test_thread_models_offer_stocks_primitives(name):
+    em = gateway_base.get_execmodel(name)
+    lock = em.Lock()  # re-entrant, as stock execnet's
+    with lock:
+        with lock:
+            pass
+    import queue
+    import socket
+
+    assert (em.queue, em.socket, em.subprocess) == (queue, socket, subprocess)
+    ev = em.Event()
+    em.start(ev.set)
+    assert ev.wait(5)
