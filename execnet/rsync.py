@@ -22,7 +22,8 @@ sent as source, so the remote needs only the standard library):
   whose mtime does not.
 * The master compares those digests with its own (computed once per file
   for all targets): equal files only get their mtime and mode set, the rest
-  are streamed -- a small file in one message, a large one in 1 MiB chunks,
+  are reported (:meth:`_report_send_file`, all of a target's at once) and
+  streamed -- a small file in one message, a large one in 1 MiB chunks,
   written to a temporary file and renamed into place with the source's
   mtime and permission bits.  At most a few MiB per target are in flight
   unacknowledged, so memory stays bounded for any file size.
@@ -30,6 +31,14 @@ sent as source, so the remote needs only the standard library):
   a slow target does not hold up the others, and :meth:`_report_send_file`,
   ``callback`` and ``finishedcallback`` run in the thread that called
   ``send()``.
+
+``callback(kind, size, channel)`` sees each target's progress as stock
+execnet reports it: once ``("list", total, channel)`` with the summed
+sizes of the files the remote asked for (missing, other size or other
+mtime -- also those that then only get their mtime set), then
+``("ack", size, channel)`` for each of them as the remote has it in place,
+in the order of the list.  A target that needs no file gets no call.
+``finishedcallback()`` follows the last ``ack``.
 
 Symbolic links are recreated as links, never followed.  A relative target
 is kept as it is; an absolute target inside the source tree is rewritten
@@ -66,13 +75,15 @@ class _Target:
         self.finishedcallback = finishedcallback
         self.options = options
         self.channel = None
-        self.todo = deque()
-        self.current = None   # (fileobject, rel, stat) while streaming
+        self.todo = deque()   # (rel, send?) in the order of the manifest
+        self.pending = deque()  # [size, aborted] of files not yet acked
+        self.current = None   # (fileobject, rel, stat, pending entry)
         self.inflight = 0
         self.planned = False
         self.done_sent = False
         self.finished = None  # the remote's stats once it reported
         self.error = None
+        self.callback_error = None  # what ``callback`` raised, if it did
         self.ended = False    # its channel is closed (either side)
 
     def close_current(self):
@@ -86,9 +97,11 @@ class _Target:
 class RSync:
     """Mirror the directory ``sourcedir`` to one or more gateways.
 
-    ``callback(path, size, channel)`` is called for every file sent, with
-    the file's local path, its size and the target's channel.  ``verbose``
-    makes :meth:`_report_send_file` print each file sent.
+    ``callback(kind, size, channel)`` follows each target's progress:
+    ``("list", total_size, channel)`` once the remote has said which files
+    it wants, then ``("ack", file_size, channel)`` for each of those files
+    as the remote has it in place.  ``verbose`` makes
+    :meth:`_report_send_file` print each file sent.
     """
 
     def __init__(self, sourcedir, callback=None, verbose=True):
@@ -112,9 +125,10 @@ class RSync:
             _Target(gateway, str(os.fspath(destdir)), finishedcallback, options))
 
     def _report_send_file(self, gateway, modified_rel_path):
-        """Called for each file sent to ``gateway``; prints when verbose."""
+        """Called for each file sent to ``gateway`` (its path relative to
+        the source, "" for a single-file source); prints when verbose."""
         if self._verbose:
-            print("%s <= %s" % (getattr(gateway, "id", gateway), modified_rel_path))
+            print("%s <= %s" % (gateway, modified_rel_path))
 
     def send(self, raises=True):
         """Mirror the source to all targets added since the last send and
@@ -128,6 +142,7 @@ class RSync:
         targets, self._targets = self._targets, []
         root, entries = self._manifest()
         self._order = {e[1]: i for i, e in enumerate(entries)}
+        self._sizes = {e[1]: e[2] for e in entries if e[0] == "f"}
         self._digests = {}
         from . import rsync_remote
 
@@ -148,6 +163,7 @@ class RSync:
                     "version": 1, "destdir": t.destdir,
                     "delete": bool(t.options.get("delete", False)),
                     "ack_every": ACK_EVERY, "file_cost": FILE_COST,
+                    "ack_files": self._callback is not None,
                     "root": root, "name": os.path.basename(self._sourcedir),
                     "entries": entries,
                 })
@@ -178,7 +194,7 @@ class RSync:
                 t.close_current()
                 if not t.ended:
                     self._close_channel(t, None)
-            del self._order, self._digests
+            del self._order, self._sizes, self._digests
         for t in targets:
             if t.error is not None:
                 raise t.error
@@ -189,21 +205,25 @@ class RSync:
         op = item[0]
         if op == "ack":
             t.inflight -= item[1]
+            for _ in range(item[2]):
+                size, aborted = t.pending.popleft()
+                if not aborted:
+                    self._notify(t, "ack", size)
             self._pump(t)
         elif op == "plan" and not t.planned:
             t.planned = True
             need, check = item[1], item[2]
-            same = []
-            send = list(need)
+            plan = [(rel, True) for rel in need]
             for rel, digest in check.items():
-                if self._local_digest(rel) == digest:
-                    same.append(rel)
-                else:
-                    send.append(rel)
-            if same:
-                t.channel.send(("same", same))
-            send.sort(key=self._order.__getitem__)
-            t.todo.extend(send)
+                plan.append((rel, self._local_digest(rel) != digest))
+            plan.sort(key=lambda p: self._order[p[0]])
+            # as stock: every file to send is reported, then the list
+            for rel, send in plan:
+                if send:
+                    self._report_send_file(t.gateway, rel)
+            if plan:
+                self._notify(t, "list", sum(self._sizes[rel] for rel, _ in plan))
+            t.todo.extend(plan)
             self._pump(t)
         elif op == "finished":
             t.finished = item[1]
@@ -220,8 +240,22 @@ class RSync:
         elif t.finished is None:
             t.error = OSError("rsync to %r: the channel closed before the "
                               "transfer finished" % (t.destdir,))
+        elif t.callback_error is not None:
+            t.error = t.callback_error
         elif t.finishedcallback is not None:
             t.finishedcallback()
+
+    def _notify(self, t, kind, size):
+        # As in stock execnet, where the files are already on their way
+        # when ``callback`` runs, a callback that raises does not stop the
+        # transfer: the target completes, gets no further calls and no
+        # ``finishedcallback``, and ``send()`` raises the error.
+        if self._callback is None or t.callback_error is not None:
+            return
+        try:
+            self._callback(kind, size, t.channel)
+        except Exception as exc:
+            t.callback_error = exc
 
     def _close_channel(self, t, error):
         try:
@@ -263,7 +297,16 @@ class RSync:
                         t.done_sent = True
                         channel.send(("done",))
                     return
-                rel = t.todo.popleft()
+                rel, send = t.todo.popleft()
+                if not send:
+                    # equal content: the remote sets mtime and mode only
+                    rels = [rel]
+                    while t.todo and not t.todo[0][1]:
+                        rels.append(t.todo.popleft()[0])
+                    channel.send(("same", rels))
+                    t.pending.extend([self._sizes[r], False] for r in rels)
+                    t.inflight += FILE_COST * len(rels)
+                    continue
                 path = self._local_path(rel)
                 try:
                     f = open(path, "rb")
@@ -275,29 +318,24 @@ class RSync:
                 except OSError:
                     f.close()
                     continue
-                # report first: a hook that raises leaves no file half sent
-                try:
-                    self._report_send_file(t.gateway, rel or os.path.basename(path))
-                    if self._callback is not None:
-                        self._callback(path, st.st_size, channel)
-                except BaseException:
-                    f.close()
-                    raise
                 mode = stat.S_IMODE(st.st_mode) & 0o777
+                entry = [self._sizes[rel], False]
                 if len(data) < CHUNK:
                     f.close()
                     channel.send(("whole", rel, data, st.st_mtime_ns, mode))
                 else:
-                    t.current = (f, rel, st)
+                    t.current = (f, rel, st, entry)
                     channel.send(("begin", rel))
                     channel.send(data)
+                t.pending.append(entry)
                 t.inflight += len(data) + FILE_COST
                 continue
-            f, rel, st = t.current
+            f, rel, st, entry = t.current
             try:
                 data = f.read(CHUNK)
             except OSError:
                 t.close_current()
+                entry[1] = True  # the remote drops it; no "ack" for it
                 channel.send(("abort",))
                 continue
             if data:

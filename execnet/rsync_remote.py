@@ -11,6 +11,7 @@ sending side, see ``execnet/rsync.py``)::
 
     master -> remote  {"version": 1, "destdir": str, "delete": bool,
                        "ack_every": int, "file_cost": int,
+                       "ack_files": bool,
                        "root": "d" | "f", "name": source basename,
                        "entries": [entry, ...]}
         entry = ("d", rel)                          directory
@@ -32,12 +33,16 @@ sending side, see ``execnet/rsync.py``)::
                       ("begin", rel)  bytes  bytes ...  ("eof", mtime_ns, mode)
                       ("abort",)      the master could not finish reading
                       ("done",)
-    remote -> master  ("ack", cost)   flow control, see below
+    remote -> master  ("ack", cost, nfiles)   flow control, see below
                       ("finished", stats)   then the remote code returns
 
-Flow control: every data byte and every file header (``file_cost``) counts;
-the remote acknowledges what it has written whenever ``ack_every`` is
-reached, and the master keeps only a bounded amount unacknowledged.
+Flow control: every data byte and every file header (``file_cost``; a
+file of a "same" message counts as one) counts; the remote acknowledges
+what it has written whenever ``ack_every`` is reached, and the master
+keeps only a bounded amount unacknowledged.  ``nfiles`` is how many more
+files (written, aborted or "same") are done since the last ack, in the
+order the master sent them; with ``ack_files`` the remote acknowledges
+after every such file, so the master can report each one promptly.
 """
 import hashlib
 import os
@@ -113,11 +118,13 @@ class _Receiver:
         self.delete = bool(config.get("delete", False))
         self.ack_every = int(config.get("ack_every", _BLOCK))
         self.file_cost = int(config.get("file_cost", 0))
+        self.ack_files = bool(config.get("ack_files", False))
         self.root = config.get("root", "d")
         self.name = config.get("name", "")
         self.entries = config["entries"]
         self.files = {}  # rel -> (size, mtime_ns, mode)
         self.unacked = 0
+        self.unacked_files = 0
         self.tmp = None  # (fileobject, tmppath, finalpath) during "begin"
         self.stats = {"written": 0, "bytes": 0, "touched": 0, "deleted": 0}
 
@@ -198,11 +205,13 @@ class _Receiver:
                     todo.append((rel + "/", item.path))
 
     # phase two: receive file data
-    def account(self, cost):
+    def account(self, cost, files=0):
         self.unacked += cost
-        if self.unacked >= self.ack_every:
-            self.channel.send(("ack", self.unacked))
+        self.unacked_files += files
+        if self.unacked >= self.ack_every or (files and self.ack_files):
+            self.channel.send(("ack", self.unacked, self.unacked_files))
             self.unacked = 0
+            self.unacked_files = 0
 
     def open_tmp(self, rel):
         path = _local_path(self.destdir, rel)
@@ -250,20 +259,23 @@ class _Receiver:
                 self.tmp[0].write(data)
                 self.stats["bytes"] += len(data)
                 self.finish_tmp(mtime_ns, mode)
-                self.account(len(data) + self.file_cost)
+                self.account(len(data) + self.file_cost, 1)
             elif op == "begin":
                 self.drop_tmp()
                 self.tmp = self.open_tmp(item[1])
                 self.account(self.file_cost)
             elif op == "eof":
                 self.finish_tmp(item[1], item[2])
+                self.account(0, 1)
             elif op == "abort":
                 self.drop_tmp()
+                self.account(0, 1)
             elif op == "same":
                 for rel in item[1]:
                     size, mtime_ns, mode = self.files[rel]
                     _set_meta(_local_path(self.destdir, rel), mtime_ns, mode)
                     self.stats["touched"] += 1
+                self.account(self.file_cost * len(item[1]), len(item[1]))
             elif op == "done":
                 self.drop_tmp()
                 self.channel.send(("finished", self.stats))

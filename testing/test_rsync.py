@@ -44,8 +44,8 @@ class Recording(execnet.RSync):
         self.reported = []
         self.called = []
 
-    def _cb(self, path, size, channel):
-        self.called.append((path, size, channel))
+    def _cb(self, kind, size, channel):
+        self.called.append((kind, size, channel))
 
     def _report_send_file(self, gateway, modified_rel_path):
         self.reported.append((gateway.id, modified_rel_path))
@@ -108,10 +108,12 @@ def test_mirror_tree(tree, tmp_path, gw1):
     assert snapshot(dest) == snapshot(tree)
     assert sorted(rel for _, rel in rs.reported) == ALL_FILES
     assert {gwid for gwid, _ in rs.reported} == {gw1.id}
-    # callback(path, size, channel): the local path, its size, the channel
-    paths = {path: size for path, size, _ in rs.called}
-    assert paths == {os.path.join(str(tree), *rel.split("/")):
-                     os.path.getsize(os.path.join(str(tree), rel)) for rel in ALL_FILES}
+    # callback(kind, size, channel): "list" with the total, an "ack" a file
+    sizes = [os.path.getsize(os.path.join(str(tree), rel)) for rel in ALL_FILES]
+    kinds = [kind for kind, _, _ in rs.called]
+    assert kinds == ["list"] + ["ack"] * len(ALL_FILES)
+    assert rs.called[0][1] == sum(sizes)
+    assert sorted(size for _, size, _ in rs.called[1:]) == sorted(sizes)
     assert all(isinstance(ch, execnet.Channel) for _, _, ch in rs.called)
     for rel in ALL_FILES:
         assert (os.stat(dest / rel).st_mtime_ns == os.stat(tree / rel).st_mtime_ns), rel
@@ -302,6 +304,7 @@ def test_two_targets_at_once(tree, tmp_path, gw1, gw2):
     assert sorted(per_gw[gw2.id]) == sorted(ALL_FILES * 2)
     channels = {id(ch) for _, _, ch in rs.called}
     assert len(channels) == 3
+    assert [kind for kind, _, _ in rs.called].count("list") == 3
 
 
 def test_no_targets(tree):
@@ -331,7 +334,8 @@ def test_verbose_default_report(tmp_path, gw1, capsys):
     rs.add_target(gw1, str(tmp_path / "dest"))
     rs.send()
     out = capsys.readouterr().out
-    assert "one.txt" in out and gw1.id in out
+    # stock's format: the gateway's repr, " <= ", the path below the source
+    assert re.fullmatch(r"<Gateway id='%s' [^<>]*> <= one\.txt\n" % gw1.id, out), out
     rs = execnet.RSync(src, verbose=False)
     write(src / "two.txt", b"2")
     rs.add_target(gw1, str(tmp_path / "dest"))
@@ -340,18 +344,177 @@ def test_verbose_default_report(tmp_path, gw1, capsys):
     assert (tmp_path / "dest" / "two.txt").read_bytes() == b"2"
 
 
+class Events(execnet.RSync):
+    """Records report hooks, callback calls and finishedcallbacks in order."""
+
+    def __init__(self, sourcedir, events, **kw):
+        kw.setdefault("verbose", False)
+        super().__init__(sourcedir, callback=self._cb, **kw)
+        self.events = events
+
+    def _cb(self, kind, size, channel):
+        self.events.append((kind, size, channel))
+
+    def _report_send_file(self, gateway, modified_rel_path):
+        self.events.append(("report", gateway, modified_rel_path))
+        super()._report_send_file(gateway, modified_rel_path)
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    # distinct sizes, so that an "ack" names its file
+    src = tmp_path / "source"
+    write(src / "a.txt", b"a" * 3)
+    write(src / "b.txt", b"b" * 5)
+    write(src / "sub" / "c.txt", b"c" * 10)
+    write(src / "zero")
+    os.symlink("a.txt", src / "link")
+    (src / "emptydir").mkdir()
+    return src
+
+
+SMALL_SIZES = {"a.txt": 3, "b.txt": 5, "sub/c.txt": 10, "zero": 0}
+
+
+def expected_events(gateway, channel, reported, acked, finished="fin"):
+    """Stock's sequence for one target: every file to send is reported,
+    then ("list", total), then an "ack" for each file in the same order,
+    then the finishedcallback."""
+    return ([("report", gateway, rel) for rel in reported]
+            + [("list", sum(SMALL_SIZES[rel] for rel in acked), channel)]
+            + [("ack", SMALL_SIZES[rel], channel) for rel in acked]
+            + [finished])
+
+
+def test_callback_sequence_one_target(small_tree, tmp_path, gw1, capsys):
+    events = []
+    rs = Events(small_tree, events, verbose=True)
+    rs.add_target(gw1, tmp_path / "dest", finishedcallback=lambda *a: events.append("fin"))
+    rs.send()
+    reported = [e[2] for e in events if e[0] == "report"]
+    assert sorted(reported) == sorted(SMALL_SIZES)  # no links, no directories
+    channel = events[len(reported)][2]
+    assert isinstance(channel, execnet.Channel)
+    assert events == expected_events(gw1, channel, reported, reported)
+    # verbose: "<gateway repr> <= relpath", one line a file, in that order
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit(" <= ", 1)[1] for line in lines] == reported
+    for line in lines:
+        assert re.fullmatch(r"<Gateway id='%s' receive-live, \w+ model, "
+                            r"\d+ active channels> <= \S+" % gw1.id, line), line
+
+    # nothing changed: no report, no callback call, but finished
+    del events[:]
+    rs = Events(small_tree, events)
+    rs.add_target(gw1, tmp_path / "dest", finishedcallback=lambda: events.append("fin"))
+    rs.send()
+    assert events == ["fin"]
+
+    # only deletions (delete=True): the same
+    (small_tree / "b.txt").unlink()
+    del events[:]
+    rs = Events(small_tree, events)
+    rs.add_target(gw1, tmp_path / "dest", finishedcallback=lambda: events.append("fin"),
+                  delete=True)
+    rs.send()
+    assert events == ["fin"]
+    assert not (tmp_path / "dest" / "b.txt").exists()
+
+
+def test_callback_sequence_changed_files(small_tree, tmp_path, gw1):
+    dest = tmp_path / "dest"
+    sync(small_tree, gw1, dest)
+    # sub/c.txt: same content, other mtime -- listed and acked like stock
+    # does, though ours only sets its mtime and does not report it;
+    # a.txt: same size, other content; zero: removed on the remote
+    st = os.stat(small_tree / "sub" / "c.txt")
+    os.utime(small_tree / "sub" / "c.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    st = os.stat(small_tree / "a.txt")
+    (small_tree / "a.txt").write_bytes(b"AAA")
+    os.utime(small_tree / "a.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    (dest / "zero").unlink()
+    events = []
+    rs = Events(small_tree, events)
+    rs.add_target(gw1, dest, finishedcallback=lambda: events.append("fin"))
+    rs.send()
+    reported = [e[2] for e in events if e[0] == "report"]
+    assert sorted(reported) == ["a.txt", "zero"]
+    channel = events[len(reported)][2]
+    acks = [e[1] for e in events if e[0] == "ack"]
+    assert sorted(acks) == [0, 3, 10]  # zero, a.txt, sub/c.txt
+    assert events[:len(reported)] == [("report", gw1, rel) for rel in reported]
+    assert events[len(reported)] == ("list", 13, channel)
+    assert events[len(reported) + 1:] == [("ack", n, channel) for n in acks] + ["fin"]
+    assert snapshot(dest) == snapshot(small_tree)
+
+
+def test_callback_sequence_two_targets(small_tree, tmp_path, gw1, gw2):
+    events = []
+    rs = Events(small_tree, events)
+    rs.add_target(gw1, tmp_path / "d1", finishedcallback=lambda: events.append("fin1"))
+    rs.add_target(gw2, tmp_path / "d2", finishedcallback=lambda: events.append("fin2"),
+                  delete=True)
+    rs.send()
+    lists = [e for e in events if e[0] == "list"]
+    assert len(lists) == 2 and lists[0][2] is not lists[1][2]
+    for gw, fin in [(gw1, "fin1"), (gw2, "fin2")]:
+        # one target's events keep stock's order; the targets interleave
+        mine = [e for e in events if e == fin or (e[0] == "report" and e[1] is gw)
+                or (e[0] in ("list", "ack") and e[2].gateway is gw)]
+        reported = [e[2] for e in mine if e[0] == "report"]
+        assert sorted(reported) == sorted(SMALL_SIZES)
+        channel = mine[len(reported)][2]
+        assert mine == expected_events(gw, channel, reported, reported, fin)
+    for dest in ("d1", "d2"):
+        assert snapshot(tmp_path / dest) == snapshot(small_tree)
+
+
+def test_raising_callback_does_not_stop_the_transfer(small_tree, tmp_path, gw1):
+    # as stock: the files arrive, send() raises, no finishedcallback
+    calls = []
+
+    def callback(kind, size, channel):
+        calls.append(kind)
+        if len(calls) == 2:
+            raise ValueError("second call")
+
+    rs = execnet.RSync(small_tree, callback=callback, verbose=False)
+    rs.add_target(gw1, tmp_path / "dest", finishedcallback=lambda: calls.append("fin"))
+    with pytest.raises(ValueError, match="second call"):
+        rs.send()
+    assert calls == ["list", "ack"]
+    assert snapshot(tmp_path / "dest") == snapshot(small_tree)
+    assert gw1.remote_exec("channel.send(3)").receive(TIMEOUT) == 3
+
+
+def test_callback_large_file_and_single_file_source(tmp_path, gw1, capsys):
+    big = write(tmp_path / "big.bin", os.urandom(2 * rsync_module.CHUNK + 3))
+    events = []
+    rs = Events(big, events, verbose=True)
+    rs.add_target(gw1, tmp_path / "copy.bin", finishedcallback=lambda: events.append("fin"))
+    rs.send()
+    channel = events[1][2]
+    size = 2 * rsync_module.CHUNK + 3
+    assert events == [("report", gw1, ""), ("list", size, channel),
+                      ("ack", size, channel), "fin"]
+    # stock prints the empty path of a single-file source as it is
+    assert re.fullmatch(r"<Gateway id='%s' [^<>]*> <= \n" % gw1.id,
+                        capsys.readouterr().out)
+    assert (tmp_path / "copy.bin").read_bytes() == big.read_bytes()
+
+
 def test_single_file_source(tmp_path, gw1):
     src = write(tmp_path / "lonely.txt", b"just me")
     os.chmod(src, 0o700)
     dest = tmp_path / "out" / "copy.txt"
-    assert sync(src, gw1, dest) == ["lonely.txt"]
+    assert sync(src, gw1, dest) == [""]  # as stock: reported as ""
     assert dest.read_bytes() == b"just me"
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o700
     assert sync(src, gw1, dest) == []
     # into an existing directory: under the file's own name
     into = tmp_path / "into"
     write(into / "neighbour", b"stays")
-    assert sync(src, gw1, into, delete=True) == ["lonely.txt"]
+    assert sync(src, gw1, into, delete=True) == [""]
     assert (into / "lonely.txt").read_bytes() == b"just me"
     assert (into / "neighbour").read_bytes() == b"stays"
 
@@ -382,6 +545,9 @@ def test_small_chunks_and_window(tmp_path, gw1, monkeypatch):
     rs.send()
     assert snapshot(dest) == snapshot(src)
     assert len(rs.reported) == 52
+    # the per-file acks and the byte window share the remote's acks
+    assert [kind for kind, _, _ in rs.called] == ["list"] + ["ack"] * 52
+    assert rs.called[0][1] == 1000 + 123457 + sum(len(b"%d" % i * i) for i in range(50))
 
 
 def test_remote_failure_raises_and_other_targets_complete(tree, tmp_path, gw1, gw2):
