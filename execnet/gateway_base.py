@@ -65,6 +65,8 @@ class TimeoutError(IOError):
 
 
 INTERRUPT_TEXT = "keyboard-interrupted"
+MAIN_THREAD_BUSY_TEXT = ("concurrent remote_exec would cause deadlock for "
+                         "main_thread_only execmodel")
 
 
 class GatewayReceivedTerminate(Exception):
@@ -1706,7 +1708,7 @@ class WorkerGateway(BaseGateway):
         self._executing = 0
         self._running = 0
         self._stopping = False
-        # "thread" model: the main thread has a task (queued or running);
+        # the main thread has a task (queued or running);
         # cleared before that task's channel closes, so a remote_exec sent
         # after the close was seen finds the main thread free
         self._main_busy = False
@@ -1725,21 +1727,22 @@ class WorkerGateway(BaseGateway):
             channel._close(self._geterrortext(sys.exc_info()))
             return
         task = (channel, source, filename, call_name, kwargs)
-        if self.execmodel.backend == "main_thread_only":
-            with self._tasks_cond:
-                self._tasks.append(task)
-                self._tasks_cond.notify()
-            return
         if not self.execmodel._green:
             # The main thread runs the task if it is idle: remote code may
             # need it (signal.signal() works only there), and it saves a
-            # thread start.  Tasks that come while it is busy get a thread.
+            # thread start.  Tasks that come while it is busy get a thread
+            # -- or, with main_thread_only, an error (as with stock
+            # execnet: waiting could deadlock, the busy task may be waiting
+            # for this one).
             with self._tasks_cond:
                 if not self._main_busy:
                     self._main_busy = True
                     self._tasks.append(task)
                     self._tasks_cond.notify()
                     return
+            if self.execmodel.backend == "main_thread_only":
+                channel._close(MAIN_THREAD_BUSY_TEXT)
+                return
         self.execmodel.start(self._run_task, (task,))
 
     def _run_task(self, task, on_main=False):

@@ -87,14 +87,20 @@ def test_main_thread_only_execmodel():
                           channel.gateway.execmodel.backend))
         """)
         assert ch.receive(10) == (True, "main_thread_only")
-        # a second remote_exec waits for the first, then runs on the main thread
+        ch.waitclose(10)
+        # a remote_exec while another runs fails at once, as with stock
+        # execnet (waiting could deadlock: the first may wait for it)
         ch1 = gw.remote_exec("channel.send(channel.receive())")
         ch2 = gw.remote_exec("channel.send('second')")
-        with pytest.raises(execnet.TimeoutError):
-            ch2.receive(0.2)
+        with pytest.raises(execnet.RemoteError, match="concurrent remote_exec "
+                           "would cause deadlock for main_thread_only"):
+            ch2.receive(10)
         ch1.send("first")
         assert ch1.receive(10) == "first"
-        assert ch2.receive(10) == "second"
+        ch1.waitclose(10)
+        # the main thread is free again once the first has closed
+        ch3 = gw.remote_exec("channel.send('third')")
+        assert ch3.receive(10) == "third"
     finally:
         group.terminate(10)
 
