@@ -151,10 +151,10 @@ def _source_of_function(function):
     if function.__closure__:
         raise ValueError("functions with closures can't be passed")
     try:
-        source = inspect.getsource(function)
+        lines, firstline = inspect.getsourcelines(function)
     except OSError as exc:
         raise ValueError("can't find source file for %s" % (function,)) from exc
-    source = textwrap.dedent(source)
+    source = textwrap.dedent("".join(lines))
     codeobj = function.__code__
     args = inspect.getfullargspec(function).args
     if not args or args[0] != "channel":
@@ -165,4 +165,6 @@ def _source_of_function(function):
     if used_globals:
         raise ValueError("the use of non-builtin globals isn't supported",
                          used_globals)
-    return source
+    # blank lines in front: remote tracebacks then give the function's
+    # line numbers in its file
+    return "\n" * (firstline - 1) + source

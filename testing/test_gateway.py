@@ -63,6 +63,9 @@ def test_remote_exec_function_traceback_has_source_line(gw):
     with pytest.raises(execnet.RemoteError) as excinfo:
         ch.receive(10)
     assert 'raise ValueError("from function")' in excinfo.value.formatted
+    # the line number is the one in this file
+    lineno = remote_function_raising.__code__.co_firstlineno + 1
+    assert ', line %d, in remote_function_raising' % lineno in excinfo.value.formatted
 
 
 def test_remote_exec_function_checks(gw):
