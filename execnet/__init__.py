@@ -33,12 +33,20 @@ _where = {
 }
 
 
+# submodules reachable as attributes after a plain ``import execnet``, as
+# with stock execnet (which imports them all up front)
+_submodules = {"gateway", "gateway_base", "gateway_bootstrap", "gateway_io",
+               "multi", "rsync", "rsync_remote", "xspec"}
+
+
 def __getattr__(name):
+    import importlib
+
+    if name in _submodules:
+        return importlib.import_module("." + name, __name__)
     modname = _where.get(name)
     if modname is None:
         raise AttributeError("module 'execnet' has no attribute %r" % (name,))
-    import importlib
-
     module = importlib.import_module("." + modname, __name__)
     value = getattr(module, name)
     globals()[name] = value
@@ -46,4 +54,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_where))
+    return sorted(set(globals()) | set(_where) | _submodules)

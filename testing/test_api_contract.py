@@ -1,5 +1,8 @@
 """Public names and signatures match execnet 2.1 (as listed in its docs)."""
 import inspect
+import os
+import subprocess
+import sys
 
 import execnet
 from execnet import gateway, gateway_base, gateway_bootstrap, gateway_io, multi, xspec
@@ -63,6 +66,21 @@ def test_module_names_importable():
     assert gateway_base.get_execmodel("thread").backend == "thread"
     assert gateway_base.backend in ("c", "python")
     assert isinstance(execnet.default_group, multi.Group)
+
+
+def test_submodules_are_attributes_after_plain_import():
+    # in a fresh interpreter: `import execnet` alone, then attribute access
+    code = ("import execnet, sys\n"
+            "names = ['gateway', 'gateway_base', 'gateway_bootstrap', "
+            "'gateway_io', 'multi', 'rsync', 'xspec']\n"
+            "mods = [getattr(execnet, n) for n in names]\n"
+            "assert [m.__name__ for m in mods] == ['execnet.' + n for n in names]\n"
+            "assert mods[1] is sys.modules['execnet.gateway_base']\n"
+            "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=60, cwd=root)
+    assert res.stdout == "ok\n", res.stderr
 
 
 def test_star_import():
