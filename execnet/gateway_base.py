@@ -1061,6 +1061,14 @@ class Channel(_ChannelBase):
         return "<Channel id=%d %s>" % (self.id, flag)
 
     def __del__(self):
+        # an error the peer closed us with that nobody received is not
+        # lost silently (as with stock execnet)
+        for error in getattr(self, "_remoteerrors", None) or ():
+            if isinstance(error, RemoteError):
+                try:
+                    error.warn()
+                except Exception:
+                    pass
         gw = getattr(self, "gateway", None)
         if gw is None or self._closed or self._queue.is_closed():
             return

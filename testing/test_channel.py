@@ -1,10 +1,13 @@
 """Channel semantics over a real popen gateway."""
 import queue
+import textwrap
 import threading
 
 import pytest
 
 import execnet
+
+from conftest import run_python
 
 
 def test_send_receive_roundtrip(gw):
@@ -66,6 +69,31 @@ def test_remote_error_with_unencodable_text(gw):
         ch.receive(10)
     assert excinfo.value.formatted.rstrip().endswith("ValueError: bad \\udcff byte")
     assert gw.remote_exec("channel.send(2)").receive(10) == 2
+
+
+def test_unreceived_remote_error_is_warned_about():
+    res = run_python(textwrap.dedent("""
+        import gc, execnet
+        gw = execnet.makegateway()
+        seen = gw.remote_exec("raise ValueError('received error')")
+        try:
+            seen.waitclose(10)
+        except execnet.RemoteError:
+            pass
+        dropped = gw.remote_exec("raise ValueError('never received')")
+        assert dropped._queue.wait_closed(10)  # its error is in
+        del seen, dropped
+        gc.collect()
+        print("collected")
+        gw.exit()
+        gw.join(10)
+    """))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "collected\n"
+    # as with stock execnet: "[pid] Warning: unhandled RemoteError: ..."
+    assert res.stderr.count("Warning: unhandled RemoteError") == 1, res.stderr
+    assert "ValueError: never received" in res.stderr
+    assert "received error" not in res.stderr.replace("never received", "")
 
 
 def test_waitclose_raises_remote_error(gw):
