@@ -1830,11 +1830,16 @@ class WorkerGateway(BaseGateway):
         self._exit_process()
 
 
+# how long a terminated or orphaned worker lets running tasks go on: about
+# what stock execnet's workers give them
+_DEFAULT_WORKER_GRACE = 5.0
+
+
 def _worker_grace():
     try:
-        return float(os.environ.get("EXECNET_WORKER_GRACE", "2.0"))
+        return float(os.environ.get("EXECNET_WORKER_GRACE", _DEFAULT_WORKER_GRACE))
     except ValueError:
-        return 2.0
+        return _DEFAULT_WORKER_GRACE
 
 
 _EXIT_FLUSH_TIMEOUT = 2.0

@@ -268,7 +268,7 @@ def test_worker_with_stuck_task_exits_after_exit(execmodel):
         pid = gw._rinfo().pid
         gw.remote_exec("import time; time.sleep(120)")
         gw.exit()
-        # the worker gives the task its grace period (2 s), then leaves
+        # the worker gives the task its grace period (5 s), then leaves
         assert wait_gone(pid, 15)
     finally:
         group.terminate(1)
