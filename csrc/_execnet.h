@@ -247,12 +247,20 @@ int exn_serialize_frame_into(exn_module_state *st, exn_rawbuf *rb,
 
 /* Decode exactly one payload (ending in 'Q', no version byte) from
    data[0:len].  'B' calls channel_factory(id) (NULL/None: LoadError).
+   `strflags` is a mask of the EXN_STR_* bits below (execnet's strconfig).
    Returns a new reference; NULL with LoadError (or MemoryError, or
    whatever channel_factory raised) set. */
 PyObject *exn_unserialize_loads(exn_module_state *st,
                                 const unsigned char *data, Py_ssize_t len,
                                 PyObject *channel_factory,
-                                int py2str_as_py3str);
+                                int strflags);
+
+/* py2str_as_py3str: 'M' (py2 str) loads as str decoded from latin-1
+   (else bytes). */
+#define EXN_STR_PY2_AS_PY3 1
+/* py3str_as_py2str: 'N' (str) loads as its raw UTF-8 bytes, unchecked
+   (else str). */
+#define EXN_STR_PY3_AS_PY2 2
 
 /* ------------------------------------------------------------------ */
 /* chanqueue.c                                                         */

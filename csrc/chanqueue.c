@@ -93,6 +93,25 @@ parse_timeout(PyObject *timeout, int *timed, int64_t *deadline)
     return 0;
 }
 
+/* get() refuses a negative timeout, whether or not it would wait, as
+   queue.Queue.get() does (and so stock execnet's receive()).  0, or -1
+   with ValueError (or the TypeError of a non-number). */
+static int
+check_not_negative(PyObject *timeout)
+{
+    double secs = PyFloat_AsDouble(timeout);
+
+    if (secs == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (secs < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "'timeout' must be a non-negative number");
+        return -1;
+    }
+    return 0;
+}
+
 /* Microseconds to wait in the next lock wait: -1 without a limit, else
    the time left (rounded up, at least 0), at most MAX_WAIT_US. */
 static PY_TIMEOUT_T
@@ -392,6 +411,9 @@ exn_chanqueue_get(PyObject *op, PyObject *timeout)
     int64_t deadline;
     int timed;
 
+    if (timeout != NULL && timeout != Py_None && check_not_negative(timeout) < 0) {
+        return NULL;
+    }
     if (self->count == 0 && !self->closed) {
         if (parse_timeout(timeout, &timed, &deadline) < 0) {
             return NULL;

@@ -1,7 +1,8 @@
 /*
  * engine.c - execnet._execnet.Engine: frames over a (read fd, write fd)
  * pair.  Mirrors the pure gateway_base._Engine: send(), close_write(),
- * set_route(), clear_route(), py2str_as_py3str, run_receiver().
+ * set_route(), clear_route(), py2str_as_py3str, py3str_as_py2str,
+ * run_receiver().
  *
  * Send side (see doc/internals.rst for the full story).
  *
@@ -1433,6 +1434,9 @@ static PyGetSetDef engine_getset[] = {
     {"py2str_as_py3str", (getter)engine_get_flag, (setter)engine_set_flag,
      "Decode old py2 str opcodes of routed data as str (latin-1).",
      (void *)offsetof(EngineObject, py2str)},
+    {"py3str_as_py2str", (getter)engine_get_flag, (setter)engine_set_flag,
+     "Decode str opcodes of routed data as bytes (their raw UTF-8).",
+     (void *)offsetof(EngineObject, py3str)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

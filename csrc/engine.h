@@ -54,6 +54,7 @@ typedef struct {
     int rfd;
     int wfd;
     int py2str;                 /* py2str_as_py3str; GIL */
+    int py3str;                 /* py3str_as_py2str; GIL */
     route_map routes;           /* GIL */
 
     /* Send side; see the top of engine.c. */

@@ -282,32 +282,35 @@ exn_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(loads_doc,
-"loads(data, channel_factory=None, py2str_as_py3str=False)\n"
+"loads(data, channel_factory=None, py2str_as_py3str=False,\n"
+"      py3str_as_py2str=False)\n"
 "--\n"
 "\n"
 "Decode one payload (no version byte, ending with 'Q') from a bytes-like\n"
 "object.  Channel opcodes call channel_factory(id).  Old-writer py2 str\n"
-"opcodes load as bytes, or as str (latin-1) if py2str_as_py3str is true.\n"
-"Raises LoadError for any malformed input.");
+"opcodes load as bytes, or as str (latin-1) if py2str_as_py3str is true;\n"
+"str opcodes load as str, or as their raw UTF-8 bytes if py3str_as_py2str\n"
+"is true.  Raises LoadError for any malformed input.");
 
 /* METH_FASTCALL | METH_KEYWORDS:
-   loads(data, channel_factory=None, py2str_as_py3str=False) -> object. */
+   loads(data, channel_factory=None, py2str_as_py3str=False,
+         py3str_as_py2str=False) -> object. */
 static PyObject *
 exn_loads(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
           PyObject *kwnames)
 {
     static const char *const names[] = {
-        "data", "channel_factory", "py2str_as_py3str"};
-    PyObject *argv[3] = {NULL, NULL, NULL};
+        "data", "channel_factory", "py2str_as_py3str", "py3str_as_py2str"};
+    PyObject *argv[4] = {NULL, NULL, NULL, NULL};
     exn_module_state *st = exn_state(module);
     PyObject *factory;
     PyObject *result;
     Py_buffer view;
-    int py2str = 0;
+    int strflags = 0;
 
-    if (nargs > 3) {
+    if (nargs > 4) {
         PyErr_Format(PyExc_TypeError,
-                     "loads() takes at most 3 arguments (%zd given)", nargs);
+                     "loads() takes at most 4 arguments (%zd given)", nargs);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < nargs; i++) {
@@ -318,7 +321,7 @@ exn_loads(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
         for (Py_ssize_t k = 0; k < nkw; k++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, k);
             int slot = -1;
-            for (int j = 0; j < 3; j++) {
+            for (int j = 0; j < 4; j++) {
                 if (PyUnicode_CompareWithASCIIString(key, names[j]) == 0) {
                     slot = j;
                     break;
@@ -348,10 +351,17 @@ exn_loads(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     if (factory == Py_None) {
         factory = NULL;
     }
-    if (argv[2] != NULL) {
-        py2str = PyObject_IsTrue(argv[2]);
-        if (py2str < 0) {
+    for (int j = 2; j < 4; j++) {
+        int flag;
+        if (argv[j] == NULL) {
+            continue;
+        }
+        flag = PyObject_IsTrue(argv[j]);
+        if (flag < 0) {
             return NULL;
+        }
+        if (flag) {
+            strflags |= j == 2 ? EXN_STR_PY2_AS_PY3 : EXN_STR_PY3_AS_PY2;
         }
     }
     if (exn_state_check_configured(st) < 0) {
@@ -360,7 +370,7 @@ exn_loads(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     if (PyBytes_CheckExact(argv[0])) {
         return exn_unserialize_loads(
             st, (const unsigned char *)PyBytes_AS_STRING(argv[0]),
-            PyBytes_GET_SIZE(argv[0]), factory, py2str);
+            PyBytes_GET_SIZE(argv[0]), factory, strflags);
     }
     /* The buffer stays exported while channel_factory may run Python code,
        so a bytearray cannot be resized under the decoder. */
@@ -368,7 +378,7 @@ exn_loads(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
         return NULL;
     }
     result = exn_unserialize_loads(st, (const unsigned char *)view.buf,
-                                   view.len, factory, py2str);
+                                   view.len, factory, strflags);
     PyBuffer_Release(&view);
     return result;
 }

@@ -242,8 +242,10 @@ deliver_frame(receiver_t *R, int msgcode, int32_t chid,
         /* The target may be unrouted (and freed) by code that runs while
            we decode or deliver: hold it. */
         Py_INCREF(target);
-        item = exn_unserialize_loads(R->st, (const unsigned char *)payload,
-                                     len, R->factory, R->self->py2str);
+        item = exn_unserialize_loads(
+            R->st, (const unsigned char *)payload, len, R->factory,
+            (R->self->py2str ? EXN_STR_PY2_AS_PY3 : 0)
+            | (R->self->py3str ? EXN_STR_PY3_AS_PY2 : 0));
         if (item == NULL) {
             Py_DECREF(target);
             return error_or_reason(R, reason);

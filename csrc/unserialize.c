@@ -38,7 +38,7 @@ typedef struct {
     PyObject *LoadError;         /* strong ref for the call */
     PyObject **strcache;         /* the module's (EXN_STRCACHE_SIZE), or NULL */
     PyObject *channel_factory;   /* borrowed; NULL if none */
-    int py2str_as_py3str;
+    int strflags;                /* EXN_STR_* bits */
     Py_ssize_t list_budget;      /* list slots 'K' may still allocate */
     slot_t *stack;
     Py_ssize_t size;
@@ -552,7 +552,9 @@ run(loader_t *L)
             if (read_count(L, op, off, REST_OF_INPUT, "length", &n) < 0) {
                 return NULL;
             }
-            if (op == 'A' || (op == 'M' && !L->py2str_as_py3str)) {
+            if (op == 'A'
+                || (op == 'M' && !(L->strflags & EXN_STR_PY2_AS_PY3))
+                || (op == 'N' && (L->strflags & EXN_STR_PY3_AS_PY2))) {
                 obj = PyBytes_FromStringAndSize((const char *)L->p, n);
             }
             else if (op == 'M') {
@@ -670,7 +672,7 @@ run(loader_t *L)
 PyObject *
 exn_unserialize_loads(exn_module_state *st, const unsigned char *data,
                       Py_ssize_t len, PyObject *channel_factory,
-                      int py2str_as_py3str)
+                      int strflags)
 {
     loader_t L;
     PyObject *result;
@@ -685,7 +687,7 @@ exn_unserialize_loads(exn_module_state *st, const unsigned char *data,
     L.strcache = st->strcache;
 #endif
     L.channel_factory = channel_factory;
-    L.py2str_as_py3str = py2str_as_py3str;
+    L.strflags = strflags;
     L.list_budget = len / MIN_LIST_ITEM_SIZE;
     L.stack = L.inline_stack;
     L.size = 0;

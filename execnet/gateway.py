@@ -78,8 +78,9 @@ class Gateway(gateway_base.BaseGateway):
                 self._io.close_fds()  # reaped and no reader left: free rfd
 
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
-        """Set how py2/py3 strings are received, on both sides."""
-        self._strconfig = (py2str_as_py3str, py3str_as_py2str)
+        """Set how py2/py3 strings load, on both sides, for the channels
+        made from now on (existing ones keep theirs)."""
+        self._set_strconfig((py2str_as_py3str, py3str_as_py2str))
         self._send(Message.RECONFIGURE, 0, self._strconfig)
 
     def _rinfo(self, update=False):

@@ -584,11 +584,13 @@ def _read_count(r):
 class _Unserializer:
     """Postfix stack machine over the opcode stream."""
 
-    def __init__(self, reader, channel_factory, py2str_as_py3str):
+    def __init__(self, reader, channel_factory, py2str_as_py3str,
+                 py3str_as_py2str=False):
         self.r = reader
         self.stack = []
         self.channel_factory = channel_factory
         self.py2str_as_py3str = py2str_as_py3str
+        self.py3str_as_py2str = py3str_as_py2str
 
     def load(self):
         r = self.r
@@ -604,6 +606,9 @@ class _Unserializer:
                 push(_int4.unpack(r.read(4))[0])
             elif op == b"N" or op == b"S":
                 n = _read_count(r)
+                if op == b"N" and self.py3str_as_py2str:
+                    push(bytes(r.read(n)))  # the raw UTF-8, unchecked
+                    continue
                 try:
                     push(str(r.read(n), "utf-8"))
                 except UnicodeDecodeError as exc:
@@ -696,21 +701,25 @@ class _Unserializer:
                 raise LoadError("unknown opcode %r" % (op,))
 
 
-def _loads_payload(data, channel_factory=None, py2str_as_py3str=False):
+def _loads_payload(data, channel_factory=None, py2str_as_py3str=False,
+                   py3str_as_py2str=False):
     """Decode one payload (no version byte) that ends with STOP.
 
     The buffer fast path of ``_Unserializer`` (which ``load`` uses for
     streams): same opcodes, same checks, with offsets instead of reads.
+    ``py2str_as_py3str``: ``M`` loads as str (latin-1), else bytes;
+    ``py3str_as_py2str``: ``N`` loads as its raw UTF-8 bytes, else str.
     """
     if type(data) is not bytes:
         data = bytes(data)
     try:
-        return _decode_buffer(data, channel_factory, py2str_as_py3str)
+        return _decode_buffer(data, channel_factory, py2str_as_py3str,
+                              py3str_as_py2str)
     except (struct.error, IndexError):
         raise LoadError("truncated data") from None
 
 
-def _decode_buffer(data, channel_factory, py2str_as_py3str):
+def _decode_buffer(data, channel_factory, py2str_as_py3str, py3str_as_py2str):
     end = len(data)
     pos = 0
     stack = []
@@ -729,6 +738,10 @@ def _decode_buffer(data, channel_factory, py2str_as_py3str):
             pos += 4
             if n < 0 or n > end - pos:
                 raise LoadError("bad str length %d" % n)
+            if py3str_as_py2str and op == 0x4E:
+                push(data[pos:pos + n])  # the raw UTF-8, unchecked
+                pos += n
+                continue
             try:
                 push(data[pos:pos + n].decode("utf-8"))
             except UnicodeDecodeError as exc:
@@ -862,7 +875,7 @@ def loads(bytestring, py2str_as_py3str=False, py3str_as_py2str=False):
     if len(data) < 1 or data[:1] != DUMPFORMAT_VERSION:
         raise LoadError("unknown serialization format version (%r)"
                         % (bytes(data[:1]),))
-    return _loads_payload(data[1:], None, py2str_as_py3str)
+    return _loads_payload(data[1:], None, py2str_as_py3str, py3str_as_py2str)
 
 
 def dump(byteio, obj):
@@ -875,7 +888,8 @@ def load(byteio, py2str_as_py3str=False, py3str_as_py2str=False):
     version = byteio.read(1)
     if version != DUMPFORMAT_VERSION:
         raise LoadError("unknown serialization format version (%r)" % (version,))
-    return _Unserializer(_Reader(file=byteio), None, py2str_as_py3str).load()
+    return _Unserializer(_Reader(file=byteio), None, py2str_as_py3str,
+                         py3str_as_py2str).load()
 
 
 # ---------------------------------------------------------------------------
@@ -953,6 +967,9 @@ class ChannelQueue:
             return items
 
     def get(self, timeout=None):
+        if timeout is not None and timeout < 0:
+            # as queue.Queue.get (and so stock execnet's receive)
+            raise ValueError("'timeout' must be a non-negative number")
         with self._cond:
             if not self._items and not self._closed:
                 if not self._cond.wait_for(
@@ -1054,7 +1071,9 @@ class Channel(_ChannelBase):
         self._closed = False  # no more sends from this side
         self._callback = None
         self._remoteerrors = []
-        self._strconfig = None
+        # how items for this channel load: the gateway's setting when the
+        # channel is made, then whatever reconfigure() sets
+        self._strconfig = gateway._strconfig
 
     def __repr__(self):
         flag = "closed" if self.isclosed() else "open"
@@ -1108,7 +1127,7 @@ class Channel(_ChannelBase):
                     callback(endmarker)
                 return
             factory._callbacks[self.id] = (callback, endmarker)
-            if self._strconfig is None:
+            if self._strconfig == self.gateway._strconfig:
                 self.gateway._engine.set_route(self.id, callback)
             else:
                 self.gateway._engine.clear_route(self.id)
@@ -1171,8 +1190,14 @@ class Channel(_ChannelBase):
     __next__ = next
 
     def reconfigure(self, py2str_as_py3str=True, py3str_as_py2str=False):
-        """Set how this channel's items load on the other side."""
+        """Set how this channel's items load, on both sides:
+        ``py2str_as_py3str``: py2 str (``M``) as str, else bytes;
+        ``py3str_as_py2str``: str as bytes (UTF-8)."""
         data = (py2str_as_py3str, py3str_as_py2str)
+        self._strconfig = data
+        if data != self.gateway._strconfig:
+            # the engine decodes routed items with the gateway's setting
+            self.gateway._engine.clear_route(self.id)
         self.gateway._send(Message.RECONFIGURE, self.id, data)
 
 
@@ -1213,9 +1238,8 @@ class ChannelFactory:
     def channels(self):
         return self._list(self._channels.values())
 
-    def _local_close(self, id, remoteerror=None, sendonly=False, local=False):
-        """Close channel ``id`` for receiving.  ``sendonly``: the peer's end
-        is gone, our sends are dropped there but still allowed."""
+    def _local_close(self, id, remoteerror=None, local=False):
+        """Close channel ``id``: for receiving, and for sending too."""
         self.gateway._engine.clear_route(id)
         with self._writelock:
             channel = self._channels.get(id)
@@ -1223,8 +1247,7 @@ class ChannelFactory:
             if channel is not None:
                 if remoteerror is not None:
                     channel._remoteerrors.append(remoteerror)
-                if not sendonly:
-                    channel._closed = True
+                channel._closed = True
                 channel._queue.close()
                 del self._channels[id]
         if cb is not None:
@@ -1240,8 +1263,8 @@ class ChannelFactory:
         cb = self._callbacks.get(id)
         if channel is None and cb is None:
             return  # nobody can receive on it anymore
-        cfg = (channel is not None and channel._strconfig) or self.gateway._strconfig
-        item = _loads_payload(data, self.new, cfg[0])
+        cfg = self.gateway._strconfig if channel is None else channel._strconfig
+        item = _loads_payload(data, self.new, cfg[0], cfg[1])
         if cb is None:
             channel._queue.put(item)
         else:
@@ -1361,6 +1384,7 @@ class _Engine:
         self._closed = False
         self._routes = {}
         self.py2str_as_py3str = False
+        self.py3str_as_py2str = False
 
     def send(self, msgcode, channelid, obj=None):
         if obj is None and msgcode != Message.CHANNEL_DATA:
@@ -1432,7 +1456,8 @@ class _Engine:
                             return None
                         continue
                     item = _loads_payload(payload, channel_factory,
-                                          self.py2str_as_py3str)
+                                          self.py2str_as_py3str,
+                                          self.py3str_as_py2str)
                     if type(target) is queue_type:
                         target.put(item)
                     else:
@@ -1517,7 +1542,9 @@ class BaseGateway:
     def __init__(self, rfd, wfd, id, execmodel, _startcount=2):
         self.execmodel = get_execmodel(execmodel)
         self.id = id
-        self._strconfig = (False, False)
+        # (py2str_as_py3str, py3str_as_py2str) for new channels and for
+        # routed items (the engine's flags); see _set_strconfig()
+        self._strconfig = (True, False)
         self._pending_last_messages = []
         self._flush_scheduled = False
         model = self.execmodel
@@ -1529,6 +1556,8 @@ class BaseGateway:
         else:
             self._engine = _Engine(rfd, wfd)
             self._queue_factory = ChannelQueue
+        self._engine.py2str_as_py3str = True
+        self._engine.py3str_as_py2str = False
         self._channelfactory = ChannelFactory(self, _startcount)
         self._receivelock = model.RLock()
         self._receivethread = None
@@ -1623,7 +1652,10 @@ class BaseGateway:
             text = _loads_payload(payload)
             factory._local_close(channelid, RemoteError(text))
         elif msgcode == Message.CHANNEL_LAST_MESSAGE:
-            factory._local_close(channelid, sendonly=True)
+            # the peer dropped its end: as with stock execnet, sending to it
+            # raises from now on (a task streaming into a dropped channel
+            # stops instead of sending into the void)
+            factory._local_close(channelid)
         elif msgcode == Message.CHANNEL_EXEC:
             self._local_schedulexec(channelid, payload)
         elif msgcode == Message.STATUS:
@@ -1634,19 +1666,37 @@ class BaseGateway:
             if type(data) is not tuple or len(data) != 2:
                 raise LoadError("bad reconfigure payload")
             if channelid == 0:
-                self._strconfig = data
-                self._engine.py2str_as_py3str = data[0]
+                self._set_strconfig(data)
             else:
                 channel = factory._channels.get(channelid)
                 if channel is not None:
-                    # per-channel settings: its items take the slow path
                     channel._strconfig = data
-                    self._engine.clear_route(channelid)
+                    if data != self._strconfig:
+                        # not the engine's setting: the slow path decodes
+                        self._engine.clear_route(channelid)
         elif msgcode == Message.GATEWAY_TERMINATE:
             return True
         else:
             raise LoadError("unknown message type %d" % msgcode)
         return False
+
+    def _set_strconfig(self, strconfig):
+        """Make ``strconfig`` the gateway's string setting: for channels
+        made from now on, and the engine's flags for routed items.
+        Existing channels keep theirs: those that differ now are unrouted,
+        so the slow path decodes their items with their own setting."""
+        factory = self._channelfactory
+        engine = self._engine
+        # the dispatch lock keeps the receiver from decoding a routed item
+        # between the route change and the flag change; the write lock
+        # keeps new() from making a channel meanwhile
+        with factory._dispatchlock, factory._writelock:
+            self._strconfig = strconfig
+            for channel in factory.channels():
+                if channel._strconfig != strconfig:
+                    engine.clear_route(channel.id)
+            engine.py2str_as_py3str = strconfig[0]
+            engine.py3str_as_py2str = strconfig[1]
 
     def _status_dict(self):
         return {

@@ -475,6 +475,10 @@ def test_send_argument_errors(fds):
     assert engine.py2str_as_py3str is True
     engine.py2str_as_py3str = False
     assert engine.py2str_as_py3str is False
+    assert engine.py3str_as_py2str is False
+    engine.py3str_as_py2str = 1
+    assert engine.py3str_as_py2str is True
+    engine.py3str_as_py2str = False
 
 
 def test_dump_error_leaves_the_stream_clean(fds):
@@ -877,6 +881,15 @@ def test_receiver_channel_factory_and_py2str(fds):
     engine.py2str_as_py3str = True
     os.write(w, HEADER.pack(DATA, 1, len(m_payload)) + m_payload)
     assert q.get(10) == "\xe9t"
+    # py3str_as_py2str: 'N' loads as its raw bytes (not checked as UTF-8)
+    n_payload = b"K\x00\x00\x00\x02F\x00\x00\x00\x00N\x00\x00\x00\x02\xe9tP" \
+        b"F\x00\x00\x00\x01M\x00\x00\x00\x01mPQ"
+    engine.py3str_as_py2str = True
+    os.write(w, HEADER.pack(DATA, 1, len(n_payload)) + n_payload)
+    assert q.get(10) == [b"\xe9t", "m"]
+    engine.py2str_as_py3str = False
+    os.write(w, HEADER.pack(DATA, 1, len(n_payload)) + n_payload)
+    assert q.get(10) == [b"\xe9t", b"m"]
     os.close(w)
     assert str(rec.join()) == "connection closed"
 

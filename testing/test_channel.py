@@ -1,5 +1,7 @@
 """Channel semantics over a real popen gateway."""
+import os
 import queue
+import struct
 import textwrap
 import threading
 
@@ -315,7 +317,24 @@ def test_remote_channel_knows_execmodel(gw):
     assert ch.receive(10) == "thread"
 
 
-def test_dropped_channel_lets_the_remote_keep_sending(gw):
+def test_receive_refuses_a_negative_timeout(gw):
+    # as queue.Queue.get() does, and so stock execnet: also with an item
+    # ready to take
+    ch = gw.remote_exec("channel.send(1); channel.receive()")
+    assert ch.receive(10) == 1
+    with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+        ch.receive(-1)
+    ch.send(None)
+    ch.waitclose(10)
+    # with an item queued, too
+    q = gw.newchannel()._queue
+    q.put(5)
+    with pytest.raises(ValueError):
+        q.get(-0.5)
+    assert q.get(0) == 5
+
+
+def test_dropped_channel_is_closed_for_the_remote(gw):
     import gc
 
     report = gw.newchannel()
@@ -323,20 +342,23 @@ def test_dropped_channel_lets_the_remote_keep_sending(gw):
         import time
         report = channel.receive()
         deadline = time.monotonic() + 10
-        # our peer dropped its end: its LAST_MESSAGE closes our receiving side
+        # our peer dropped its end: its LAST_MESSAGE closes our side, for
+        # sending too (as with stock execnet)
         while not channel._queue.is_closed() and time.monotonic() < deadline:
             time.sleep(0.005)
         try:
             channel.send("nobody listens")
-            report.send(("sent", channel._queue.is_closed()))
-        except Exception as exc:
-            report.send(("failed", repr(exc)))
+            report.send(("sent", channel.isclosed()))
+        except OSError as exc:
+            report.send(("failed", channel.isclosed(), str(exc)))
     """)
     ch.send(report)
     del ch
     gc.collect()
     gw.remote_exec("pass").waitclose(10)  # the next send carries LAST_MESSAGE
-    assert report.receive(15) == ("sent", True)
+    result = report.receive(15)
+    assert result[:2] == ("failed", True), result
+    assert "cannot send" in result[2]
 
 
 def test_remote_dropping_a_channel_tells_us_without_further_sends(gw):
@@ -361,3 +383,183 @@ def test_local_close_delivers_the_endmarker(gw):
     ch.setcallback(q.put, endmarker="END")
     ch.close()
     assert q.get(timeout=10) == "END"
+
+
+# -- string configuration (strconfig), pinned against stock execnet 2.1.2:
+# reconfigure() sets (py2str_as_py3str, py3str_as_py2str) on BOTH ends,
+# and each end loads what it receives with it.  A channel takes the
+# gateway's setting when it is made; gateway.reconfigure() changes it for
+# channels made later only.
+
+_STRCONFIG_ECHO = """
+    while True:
+        x = channel.receive()
+        if x is None:
+            break
+        if x in ("cfg", b"cfg"):
+            channel.send((channel.gateway._strconfig, channel._strconfig))
+        elif x in ("reconf", b"reconf"):
+            channel.reconfigure(py2str_as_py3str=True, py3str_as_py2str=True)
+        elif type(x) is tuple and x[0] == "sync":
+            # the answer goes out first: once x[1] got its item, the
+            # answer was received (and loaded) too
+            channel.send(("echo", "x"))
+            x[1].send(1)
+        else:
+            channel.send(("echo", x))
+"""
+
+
+def test_strconfig_defaults(gw):
+    assert gw._strconfig == (True, False)
+    assert gw.newchannel()._strconfig == (True, False)
+    ch = gw.remote_exec(_STRCONFIG_ECHO)
+    assert ch._strconfig == (True, False)
+    ch.send("cfg")
+    assert ch.receive(10) == ((True, False), (True, False))
+    ch.send(["s", b"b", {"k": ("t",)}])
+    assert ch.receive(10) == ("echo", ["s", b"b", {"k": ("t",)}])
+    ch.send(None)
+    ch.waitclose(10)
+
+
+def _raw_data_frame(chid, payload):
+    return struct.pack("!bii", 4, chid, len(payload)) + payload
+
+
+def test_strconfig_default_loads_py2str_as_str(gw):
+    # channels load the legacy M opcode as str (latin-1) by default, on
+    # both ends; after reconfigure(False) as bytes
+    ch = gw.remote_exec("""
+        import os, struct
+        x = channel.receive()
+        channel.send((type(x).__name__, x))
+        channel.gateway._engine.flush()
+        payload = b"M" + struct.pack("!i", 2) + b"\\xe9y" + b"Q"
+        os.write(channel.gateway._engine.wfd,
+                 struct.pack("!bii", 4, channel.id, len(payload)) + payload)
+        channel.receive()
+    """)
+    gw._engine.flush()
+    os.write(gw._engine.wfd, _raw_data_frame(ch.id, b"M" + struct.pack("!i", 2) + b"\xe9xQ"))
+    assert ch.receive(10) == ("str", "\xe9x")
+    assert ch.receive(10) == "\xe9y"
+    ch.send(None)
+    ch.waitclose(10)
+
+    ch = gw.remote_exec("""
+        import os, struct
+        channel.receive()
+        channel.gateway._engine.flush()
+        payload = b"M" + struct.pack("!i", 1) + b"m" + b"Q"
+        os.write(channel.gateway._engine.wfd,
+                 struct.pack("!bii", 4, channel.id, len(payload)) + payload)
+        channel.receive()
+    """)
+    ch.reconfigure(py2str_as_py3str=False)
+    ch.send(1)
+    assert ch.receive(10) == b"m"
+    ch.send(None)
+    ch.waitclose(10)
+
+
+@pytest.mark.parametrize("callback", [False, True])
+def test_channel_reconfigure_applies_on_both_ends(gw, callback):
+    ch = gw.remote_exec(_STRCONFIG_ECHO)
+    other = gw.remote_exec(_STRCONFIG_ECHO)
+    ch.send("x")
+    assert ch.receive(10) == ("echo", "x")
+    if callback:
+        items = queue.Queue()
+        ch.setcallback(items.put)
+    # the answer is received (loaded) before the reconfigure
+    sync = gw.newchannel()
+    ch.send(("sync", sync))
+    assert sync.receive(10) == 1
+    if callback:
+        assert items.get(timeout=10) == ("echo", "x")
+    ch.reconfigure(py2str_as_py3str=False, py3str_as_py2str=True)
+    assert ch._strconfig == (False, True)
+    assert gw._strconfig == (True, False)
+    receive = (lambda: items.get(timeout=10)) if callback else (lambda: ch.receive(10))
+    if not callback:
+        assert receive() == ("echo", "x")
+    ch.send("cfg")
+    # the remote loaded "cfg" as b"cfg"; what it sends loads here as bytes
+    assert receive() == ((True, False), (False, True))
+    ch.send(["s", b"b", {"k": ("t",)}])
+    assert receive() == (b"echo", [b"s", b"b", {b"k": (b"t",)}])
+    # other channels keep the gateway's setting
+    other.send("y")
+    assert other.receive(10) == ("echo", "y")
+    ch.send(None)
+    other.send(None)
+    ch.waitclose(10)
+    other.waitclose(10)
+
+
+def test_channel_reconfigure_by_the_remote(gw):
+    ch = gw.remote_exec(_STRCONFIG_ECHO)
+    ch.send("reconf")
+    ch.send("cfg")
+    assert ch.receive(10) == ((True, False), (True, True))
+    assert ch._strconfig == (True, True)
+    ch.send("x")
+    assert ch.receive(10) == (b"echo", b"x")
+    ch.send(None)
+    ch.waitclose(10)
+
+
+def test_gateway_reconfigure_applies_to_new_channels(gw):
+    pre = gw.remote_exec(_STRCONFIG_ECHO)
+    pre.send("x")
+    assert pre.receive(10) == ("echo", "x")
+    gw.reconfigure(py2str_as_py3str=False, py3str_as_py2str=True)
+    assert gw._strconfig == (False, True)
+    # existing channels keep theirs, on both ends
+    assert pre._strconfig == (True, False)
+    pre.send("cfg")
+    assert pre.receive(10) == ((False, True), (True, False))
+    pre.send("x")
+    assert pre.receive(10) == ("echo", "x")
+    # new ones take the gateway's
+    new = gw.remote_exec(_STRCONFIG_ECHO)
+    assert new._strconfig == (False, True)
+    assert gw.newchannel()._strconfig == (False, True)
+    new.send("cfg")
+    assert new.receive(10) == ((False, True), (False, True))
+    new.send(["s", b"b"])
+    assert new.receive(10) == (b"echo", [b"s", b"b"])
+    items = queue.Queue()
+    new.setcallback(items.put)
+    new.send("z")
+    assert items.get(timeout=10) == (b"echo", b"z")
+    # a channel the remote makes, and the status dict, load so too
+    ch = gw.remote_exec("""
+        c = channel.gateway.newchannel()
+        channel.send(c)
+        c.send(("z", c._strconfig))
+    """)
+    c = ch.receive(10)
+    assert c._strconfig == (False, True)
+    assert c.receive(10) == (b"z", (False, True))
+    status = gw.remote_status()
+    assert b"numchannels" in vars(status)
+    # code and kwargs of remote_exec are not affected
+    assert gw.remote_exec("channel.send(type(channel.receive()).__name__)")
+    kw = gw.remote_exec(_strconfig_kwargs, a="s")
+    assert kw.receive(10) == b"str"
+    # back to the default: channels made meanwhile keep theirs
+    gw.reconfigure()
+    assert gw._strconfig == (True, False)
+    pre.send("x")
+    assert pre.receive(10) == ("echo", "x")
+    new.send("x")
+    assert items.get(timeout=10) == (b"echo", b"x")
+    for c in (pre, new):
+        c.send(None)
+        c.waitclose(10)
+
+
+def _strconfig_kwargs(channel, a):
+    channel.send(type(a).__name__)

@@ -550,6 +550,18 @@ def test_load_only_opcodes():
     assert loads(b"M" + i32(2) + b"\xe9xQ") == b"\xe9x"
     assert loads(b"M" + i32(2) + b"\xe9xQ", py2str_as_py3str=True) == "\xe9x"
     assert _execnet.loads(b"M" + i32(2) + b"\xe9xQ", None, True) == "\xe9x"
+    # py3str_as_py2str: N loads as its bytes, unchecked; M and S unaffected
+    n = b"N" + i32(2) + b"\xe9xQ"
+    assert loads(n, py3str_as_py2str=True) == b"\xe9x"
+    assert _execnet.loads(n, None, False, True) == b"\xe9x"
+    assert _execnet.loads(n, None, True, 1) == b"\xe9x"
+    assert _execnet.loads(b"N" + i32(1) + b"aQ", None, True, 0) == "a"
+    assert loads(b"M" + i32(2) + b"\xe9xQ", py3str_as_py2str=True) == b"\xe9x"
+    assert loads(b"S" + i32(2) + b"\xc3\xa9Q", py3str_as_py2str=True) == "\xe9"
+    with pytest.raises(TypeError, match="at most 4"):
+        _execnet.loads(n, None, False, True, 5)
+    with pytest.raises(TypeError, match="multiple values"):
+        _execnet.loads(n, None, False, True, py3str_as_py2str=True)
     assert loads(b"S" + i32(2) + b"\xc3\xa9Q") == "\xe9"
     assert loads(b"H" + i32(3) + b"007Q") == 7
     assert loads(b"H" + i32(2) + b"-0Q") == 0

@@ -206,6 +206,69 @@ def test_py2str_opcodes(impl):
     assert impl.loads(b"\x02I\x00\x00\x00\x02-7Q") == -7
 
 
+def _flags(py2, py3):
+    return dict(py2str_as_py3str=py2, py3str_as_py2str=py3)
+
+
+_I = struct.Struct("!i").pack
+_STRCONFIGS = [(False, False), (True, False), (False, True), (True, True)]
+# What stock execnet 2.1.2's loads gives for each of the _STRCONFIGS:
+# py2str_as_py3str turns M (py2 str) into str (latin-1), else bytes;
+# py3str_as_py2str turns N (str) into its raw UTF-8 bytes (not even
+# checked), else str.  S (py2 unicode) is always str, A always bytes.
+STRCONFIG_CASES = [
+    (b"N" + _I(2) + b"hiQ", ["hi", "hi", b"hi", b"hi"]),
+    (b"N" + _I(3) + b"h\xc3\xa9Q", ["h\xe9", "h\xe9", b"h\xc3\xa9", b"h\xc3\xa9"]),
+    (b"N" + _I(2) + b"\xe9xQ", [None, None, b"\xe9x", b"\xe9x"]),
+    (b"M" + _I(2) + b"\xe9xQ", [b"\xe9x", "\xe9x", b"\xe9x", "\xe9x"]),
+    (b"M" + _I(3) + b"h\xc3\xa9Q", [b"h\xc3\xa9", "h\xc3\xa9", b"h\xc3\xa9", "h\xc3\xa9"]),
+    (b"S" + _I(3) + b"h\xc3\xa9Q", ["h\xe9"] * 4),
+    (b"S" + _I(2) + b"\xe9xQ", [None] * 4),
+    (b"A" + _I(2) + b"\xe9xQ", [b"\xe9x"] * 4),
+    # {M k: S v}
+    (b"JM" + _I(1) + b"kS" + _I(1) + b"vPQ",
+     [{b"k": "v"}, {"k": "v"}, {b"k": "v"}, {"k": "v"}]),
+    # {(M a, S b, N c, A d)}
+    (b"M" + _I(1) + b"aS" + _I(1) + b"bN" + _I(1) + b"cA" + _I(1) + b"d@"
+     + _I(4) + b"O" + _I(1) + b"Q",
+     [{(b"a", "b", "c", b"d")}, {("a", "b", "c", b"d")},
+      {(b"a", "b", b"c", b"d")}, {("a", "b", b"c", b"d")}]),
+]
+
+
+@pytest.mark.parametrize("payload, expected", STRCONFIG_CASES)
+def test_strconfig_flags(impl, payload, expected):
+    for (py2, py3), want in zip(_STRCONFIGS, expected):
+        data = b"\x02" + payload
+        if want is None:  # invalid UTF-8 for a str
+            with pytest.raises(gb.LoadError, match="UTF-8"):
+                impl.loads(data, **_flags(py2, py3))
+            with pytest.raises(gb.LoadError, match="UTF-8"):
+                gb.load(io.BytesIO(data), py2, py3)
+            continue
+        assert same(impl.loads(data, **_flags(py2, py3)), want), (py2, py3)
+        # the streaming decoder (load) agrees
+        assert same(gb.load(io.BytesIO(data), py2, py3), want), (py2, py3)
+
+
+def test_strconfig_public_loads():
+    import execnet
+
+    data = execnet.dumps({"a": ("b", b"c", ["d"], frozenset(["e"]))})
+    plain = {"a": ("b", b"c", ["d"], frozenset(["e"]))}
+    as_bytes = {b"a": (b"b", b"c", [b"d"], frozenset([b"e"]))}
+    for py2 in (False, True):
+        assert same(execnet.loads(data, py2), plain)
+        assert same(execnet.loads(data, py2, True), as_bytes)
+        assert same(execnet.loads(data, py3str_as_py2str=True,
+                                  py2str_as_py3str=py2), as_bytes)
+        assert same(execnet.load(io.BytesIO(data), py2, True), as_bytes)
+    # any truth value
+    assert same(execnet.loads(data, None, "x"), as_bytes)
+    assert same(execnet.loads(data, 0, 1), as_bytes)
+    assert same(execnet.loads(data, 1, 0), plain)
+
+
 # -- hostile input: every case must be a LoadError, never a crash/hang
 
 HOSTILE = [
