@@ -1738,20 +1738,15 @@ class BaseGateway:
             t.join(timeout)
 
 
-def _exec_source(gateway, channel, source, filename, call_name, kwargs):
+def _task_code(channel, source, filename):
+    """The code object of a remote_exec and the namespace to run it in."""
     if filename:
         import linecache
 
         linecache.cache[filename] = (len(source), None,
                                      source.splitlines(True), filename)
     co = compile(source + "\n", filename or "<remote exec>", "exec")
-    ns = {"__name__": "__channelexec__", "channel": channel}
-    exec(co, ns)
-    if call_name:
-        func = ns.get(call_name)
-        if func is None:
-            raise NameError("remote function %r not found" % (call_name,))
-        func(channel, **kwargs)
+    return co, {"__name__": "__channelexec__", "channel": channel}
 
 
 class WorkerGateway(BaseGateway):
@@ -1811,7 +1806,15 @@ class WorkerGateway(BaseGateway):
         channel._executing = True
         error = None
         try:
-            _exec_source(self, channel, source, filename, call_name, kwargs)
+            # run here, not in a helper: remote tracebacks then show one
+            # frame of ours above the remote code, as stock's do
+            co, ns = _task_code(channel, source, filename)
+            exec(co, ns)
+            if call_name:
+                func = ns.get(call_name)
+                if func is None:
+                    raise NameError("remote function %r not found" % (call_name,))
+                func(channel, **kwargs)
         except KeyboardInterrupt:
             error = INTERRUPT_TEXT
         except BaseException:

@@ -27,7 +27,9 @@ class XSpec:
             if key[0] == "_":
                 raise AttributeError("%r not a valid XSpec key" % key)
             if key.startswith("env:"):
-                self.env[key[4:]] = value
+                self.env[key[4:]] = value  # the last one wins
+            elif key in self.__dict__:
+                raise ValueError("duplicate key: %r in %r" % (key, string))
             else:
                 setattr(self, key, value)
 

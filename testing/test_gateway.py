@@ -66,6 +66,8 @@ def test_remote_exec_function_traceback_has_source_line(gw):
     # the line number is the one in this file
     lineno = remote_function_raising.__code__.co_firstlineno + 1
     assert ', line %d, in remote_function_raising' % lineno in excinfo.value.formatted
+    # one frame of ours above the remote code, as with stock
+    assert excinfo.value.formatted.count("gateway_base.py") == 1
 
 
 def test_remote_exec_function_checks(gw):

@@ -36,3 +36,12 @@ def test_bad_specs():
         XSpec("")
     with pytest.raises(IndexError):
         XSpec("popen////x")
+
+
+def test_duplicate_keys():
+    # as stock execnet: a key twice is an error, an env: name twice is not
+    with pytest.raises(ValueError, match="duplicate key: 'id' in 'popen//id=a//id=b'"):
+        XSpec("popen//id=a//id=b")
+    with pytest.raises(ValueError, match="duplicate key: 'popen'"):
+        XSpec("popen//popen")
+    assert XSpec("popen//env:X=1//env:X=2").env == {"X": "2"}
