@@ -130,9 +130,10 @@ def test_queue_timeout_message(Queue):
     with pytest.raises(TimeoutError) as excinfo:
         q.get(timeout=0)
     assert str(excinfo.value) == "no item after 0 seconds"
-    with pytest.raises(TimeoutError):
-        q.get(-1)
     assert isinstance(excinfo.value, OSError)
+    # a negative timeout is refused, as by queue.Queue.get()
+    with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+        q.get(-1)
 
 
 def test_queue_get_timeout_accuracy(Queue):
