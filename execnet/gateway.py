@@ -54,10 +54,7 @@ class Gateway(gateway_base.BaseGateway):
             self.id, r, self.execmodel.backend, n)
 
     def hasreceiver(self):
-        t = self._receivethread
-        if t is not None and self.execmodel._green:
-            return not self._receive_done.is_set()  # a greenlet
-        return t is not None and t.is_alive()
+        return self._receivethread is not None and not self._receive_done.is_set()
 
     def exit(self):
         """Ask the remote to terminate and stop sending to it."""

@@ -103,10 +103,10 @@ class ExecModel:
         time.sleep(delay)
 
     def start(self, func, args=()):
-        t = threading.Thread(target=func, args=args, daemon=True,
-                             name="execnet-%s" % getattr(func, "__name__", "task"))
-        t.start()
-        return t
+        # a bare thread, as stock execnet's (not in threading.enumerate())
+        import _thread
+
+        _thread.start_new_thread(func, tuple(args))
 
     def fdopen(self, fd, mode, bufsize=1, closefd=True):
         return os.fdopen(fd, mode, bufsize, closefd=closefd)
@@ -1619,10 +1619,12 @@ class BaseGateway:
         if self.execmodel._green:
             self._receivethread = self.execmodel.start(self._thread_receiver)
             return
-        self._receivethread = threading.Thread(
-            target=self._thread_receiver, name="execnet-receiver-%s" % self.id,
-            daemon=True)
-        self._receivethread.start()
+        # a bare thread, as stock execnet's: it does not show in
+        # threading.enumerate()/active_count(), which code under test may
+        # count (pytest-xdist runs whole test sessions in workers)
+        import _thread
+
+        self._receivethread = _thread.start_new_thread(self._thread_receiver, ())
 
     def _thread_receiver(self):
         reason = None
@@ -1727,15 +1729,16 @@ class BaseGateway:
         return self._channelfactory.new()
 
     def join(self, timeout=None):
-        """Wait for the receiver thread to end."""
+        """Wait for the receiver to end (not in the receiver itself)."""
         t = self._receivethread
-        if self.execmodel._green:
-            if t is not None and t is not self.execmodel._getcurrent():
-                self._receive_done.wait(timeout)
+        if t is None:
             return
-        current = threading.current_thread()
-        if t is not None and t is not current and t.is_alive():
-            t.join(timeout)
+        if self.execmodel._green:
+            if t is self.execmodel._getcurrent():
+                return
+        elif t == threading.get_ident():
+            return
+        self._receive_done.wait(timeout)
 
 
 def _task_code(channel, source, filename):

@@ -181,6 +181,31 @@ def test_remote_exec_while_the_main_thread_is_busy(gw):
         ch.waitclose(10)
 
 
+def test_our_threads_do_not_show_in_threading(makegateway):
+    # as with stock execnet: code that counts threads (a test suite run by
+    # pytest-xdist checking for leaked threads, say) sees only its own
+    import threading
+
+    before = threading.active_count()
+    gw = makegateway()
+    ch = gw.remote_exec("""
+        import threading
+        channel.send([t.name for t in threading.enumerate()])
+        channel.receive()
+    """)
+    assert ch.receive(10) == ["MainThread"]
+    # a second, concurrent remote_exec runs in a thread of its own
+    other = gw.remote_exec("import threading; channel.send(threading.active_count())")
+    assert other.receive(10) == 1
+    assert gw.hasreceiver()
+    assert threading.active_count() == before
+    ch.send(None)
+    ch.waitclose(10)
+    gw.exit()
+    gw.join(10)
+    assert not gw.hasreceiver()
+
+
 def test_gateway_attributes_and_repr(makegateway):
     gw = makegateway("popen//id=special")
     assert gw.id == "special"
