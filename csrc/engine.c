@@ -805,15 +805,12 @@ start_flusher(EngineObject *self)
     return 0;
 }
 
-/* With mu held, batch_bursts set and the role just taken by this sender:
-   leave the writing to the flusher if this frame follows the previous one
-   closely (1), or not (0: the caller writes). */
+/* With mu held and the role taken by this thread: hand the role, and so
+   the writing of `fill`, to the flusher thread (1), or keep it if no
+   flusher could be started (0: the caller writes). */
 static int
-defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
+give_to_flusher(EngineObject *self)
 {
-    if (self->wclosed || now - prev > DEFER_NS) {
-        return 0;
-    }
     if (self->fl_running && self->fl_gen != fork_gen) {
         /* Started before a fork(): no such thread in this process, and
            fl_cv may still count it as a waiter.  Start afresh (the old
@@ -830,6 +827,18 @@ defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
     self->fl_job = 1;
     pthread_cond_signal(&self->fl_cv);
     return 1;
+}
+
+/* With mu held, batch_bursts set and the role just taken by this sender:
+   leave the writing to the flusher if this frame follows the previous one
+   closely (1), or not (0: the caller writes). */
+static int
+defer_to_flusher(EngineObject *self, uint64_t now, uint64_t prev)
+{
+    if (self->wclosed || now - prev > DEFER_NS) {
+        return 0;
+    }
+    return give_to_flusher(self);
 }
 
 /* Called with the GIL and mu held, after appending to `fill` (or after a
@@ -1238,6 +1247,7 @@ engine_flush(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long me = PyThread_get_thread_ident();
     int64_t timeout_ns = -1;
+    uint64_t deadline;
     int rc;
 
     if (nargs > 1) {
@@ -1273,17 +1283,49 @@ engine_flush(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_TRUE;
     }
     mu_unlock(self);
-    rc = take_role_timed(self, timeout_ns);
-    if (rc < 0) {
-        return NULL;
+    if (timeout_ns < 0) {
+        /* No limit: wait for the role and write what is pending. */
+        if (take_role(self) < 0 || run_writer(self, NULL, 0) < 0) {
+            return NULL;
+        }
+        Py_RETURN_TRUE;
     }
-    if (rc == 1) {
-        Py_RETURN_FALSE;
+    /* With a limit, never write here: a write() into a full pipe could
+       block past it.  The flusher writes; we wait for the role to come
+       back with `fill` empty, for at most the time left. */
+    deadline = monotonic_ns() + (uint64_t)timeout_ns;
+    for (;;) {
+        uint64_t now = monotonic_ns();
+        int handed;
+        rc = take_role_timed(self, now >= deadline ? 0
+                                   : (int64_t)(deadline - now));
+        if (rc < 0) {
+            return NULL;
+        }
+        if (rc == 1) {
+            Py_RETURN_FALSE;
+        }
+        mu_lock(self);
+        handed = self->fill.len > 0 && !self->fd_closed && !self->broken
+                 && give_to_flusher(self);
+        mu_unlock(self);
+        if (!handed) {
+            int lost;
+            /* All written (run_writer just gives the role back), or no
+               flusher thread could be started: then write here after
+               all.  A write error of the flusher's is raised here. */
+            if (run_writer(self, NULL, 0) < 0) {
+                return NULL;
+            }
+            mu_lock(self);
+            lost = self->broken && check_open(self) < 0;
+            mu_unlock(self);
+            if (lost) {
+                return NULL;
+            }
+            Py_RETURN_TRUE;
+        }
     }
-    if (run_writer(self, NULL, 0) < 0) {
-        return NULL;
-    }
-    Py_RETURN_TRUE;
 }
 
 static PyObject *

@@ -34,6 +34,25 @@ from conftest import run_python  # noqa: E402
 
 pytestmark = pytest.mark.c_extension
 
+# Set by the TSan job (testing/check_memory.py), where everything runs
+# several times slower: whether sends come close enough together for the
+# flusher, or a consumer drops a payload soon enough for it to be recycled,
+# is then luck.  engaged() skips instead of failing there.
+LAX_TIMING = bool(os.environ.get("EXECNET_LAX_TIMING"))
+
+
+def engaged(ok, what, engine=None):
+    """Check that an optimisation (the flusher, payload recycling) was
+    used; under LAX_TIMING skip when it was not, after closing `engine` for
+    writing (which waits for its flusher) so no flusher outlives the test."""
+    if ok:
+        return
+    if LAX_TIMING:
+        if engine is not None:
+            engine.close_write()
+        pytest.skip("%s did not engage (EXECNET_LAX_TIMING)" % what)
+    pytest.fail("%s did not engage" % what)
+
 DATA = gateway_base.Message.CHANNEL_DATA
 CLOSE = gateway_base.Message.CHANNEL_CLOSE
 HEADER = struct.Struct("!bii")
@@ -341,6 +360,7 @@ class Reader(threading.Thread):
         self.fd = fd
         self.data = None
         self.start()
+        READERS.append(self)
 
     def run(self):
         self.data = read_all(self.fd)
@@ -351,22 +371,40 @@ class Reader(threading.Thread):
         return self.data
 
 
+# Reader and Receiver threads, for fds() to join at teardown.
+READERS = []
+
+
 @pytest.fixture
 def fds():
-    """Register fds to close at teardown."""
+    """Register fds to close at teardown: the write ends first; then, once
+    the reader threads started meanwhile have seen EOF and ended, the read
+    ends.  A test that fails midway leaves its reader blocked in read():
+    closing the fd under it would be a real race (TSan reports it) and, were
+    it to read again, it would read the pipe the next test gets under the
+    same number."""
     opened = []
+    first_reader = len(READERS)
 
     def pipe():
         r, w = os.pipe()
-        opened.extend((r, w))
+        opened.append((r, w))
         return r, w
 
-    yield pipe
-    for fd in opened:
+    def close(fd):
         try:
             os.close(fd)
         except OSError:
             pass
+
+    yield pipe
+    for r, w in opened:
+        close(w)
+    for reader in READERS[first_reader:]:
+        reader.join(10)
+    del READERS[first_reader:]
+    for r, w in opened:
+        close(r)
 
 
 class Receiver:
@@ -384,6 +422,7 @@ class Receiver:
         self._dispatch = dispatch
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        READERS.append(self.thread)
 
     def dispatch(self, msgcode, channelid, payload):
         assert self.lock._is_owned()
@@ -1009,7 +1048,7 @@ def test_receiver_recycles_only_big_payloads_nobody_holds(fds):
         elif i % 5 == 1:
             views.append((i, memoryview(got)))
         del got
-    assert engine.recycled > 0, "no payload was recycled"
+    engaged(engine.recycled > 0, "payload recycling")
     for i, obj in kept:
         assert obj == sent[i]
     for i, view in views:
@@ -1143,7 +1182,7 @@ def test_flush_waits_for_the_flusher(fds):
         assert engine.flush() is True
         assert unread(r) == 1000 * one
         os.read(r, 1000 * one)
-    assert engine.flushed > 0
+    engaged(engine.flushed > 0, "the flusher", engine)
     assert engine.flush(0) is True
     with pytest.raises(ValueError):
         engine.flush(-1)
@@ -1166,12 +1205,18 @@ def test_flush_times_out_while_the_peer_does_not_read(fds):
         done.set()
     t = threading.Thread(target=fill, daemon=True)
     t.start()
-    assert wait_for(lambda: unread(r) > 900_000)
-    t0 = time.monotonic()
-    assert engine.flush(0.2) is False
-    assert 0.15 < time.monotonic() - t0 < 5
-    os.close(r)               # the peer goes: the blocked writers get EPIPE
-    assert done.wait(10)
+    try:
+        assert wait_for(lambda: unread(r) > 900_000)
+        t0 = time.monotonic()
+        # False in time, whoever holds the writer role: flush() with a
+        # timeout never blocks in write() itself (it leaves the writing to
+        # the flusher thread and waits for it)
+        assert engine.flush(0.2) is False
+        assert 0.15 < time.monotonic() - t0 < 5
+    finally:
+        os.close(r)           # the peer goes: the blocked writers get EPIPE
+        done.wait(10)
+    assert done.is_set()
 
 
 def test_a_burst_goes_out_whole_and_in_order_through_the_flusher(fds):
@@ -1186,7 +1231,7 @@ def test_a_burst_goes_out_whole_and_in_order_through_the_flusher(fds):
     frames = split_frames(reader.result())
     assert frames == [(DATA, 1, gateway_base._py_dumps_payload(i))
                       for i in range(n)]
-    assert engine.flushed > 0, "the flusher was never used"
+    engaged(engine.flushed > 0, "the flusher")
 
 
 def test_big_send_after_a_burst_keeps_the_order(fds):
@@ -1226,13 +1271,14 @@ def test_flusher_stops_with_its_engine_and_when_idle(fds):
     engine = bursty(r, w)
     reader = Reader(r)
     burst(engine, 5000)
-    assert wait_for(lambda: engine.flushed > 0)
+    engaged(wait_for(lambda: engine.flushed > 0), "the flusher", engine)
     assert wait_for(lambda: flusher_tids() - before)
     first = flusher_tids() - before
     # an idle flusher exits by itself (after about two seconds)
     assert wait_for(lambda: not first & flusher_tids()), "idle flusher stayed"
     burst(engine, 5000)          # a new burst starts a new one
-    assert wait_for(lambda: flusher_tids() - before - first)
+    engaged(wait_for(lambda: flusher_tids() - before - first),
+            "a second flusher", engine)
     second = flusher_tids() - before - first
     del engine                   # dealloc stops it (no close_write)
     gc.collect()
