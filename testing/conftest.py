@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -67,6 +68,14 @@ def otherpython(request):
     if request.param is None:
         pytest.skip("no second Python interpreter on this machine")
     return OTHER_PYTHONS[request.param]
+
+
+def default_sigint():
+    """For preexec_fn: SIGINT as by default in the child.  A test run started
+    from a shell that ignores SIGINT (a background job, say) would pass
+    SIG_IGN on, and Python would then not install its KeyboardInterrupt
+    handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_python(code, timeout=60, env=None, **kw):

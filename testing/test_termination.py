@@ -10,7 +10,7 @@ import pytest
 
 import execnet
 
-from conftest import OTHER_PYTHONS, is_zombie, pid_alive, run_python
+from conftest import OTHER_PYTHONS, default_sigint, is_zombie, pid_alive, run_python
 
 
 def wait_gone(pid, timeout):
@@ -242,7 +242,8 @@ def test_ctrl_c_interrupts_receive():
     root = os.path.dirname(os.path.dirname(os.path.abspath(execnet.__file__)))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=root))
+                            env=dict(os.environ, PYTHONPATH=root),
+                            preexec_fn=default_sigint)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.1)  # let it block inside receive(); nothing to wait on
     proc.send_signal(signal.SIGINT)
@@ -251,7 +252,14 @@ def test_ctrl_c_interrupts_receive():
     assert proc.returncode == 0, err
 
 
-def test_worker_shuts_down_quietly_on_sigint(gw):
+def test_worker_shuts_down_quietly_on_sigint(makegateway):
+    # the worker inherits our SIGINT disposition: make it the default one
+    # (a test run started as a background job has SIGINT ignored)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        gw = makegateway()
+    finally:
+        signal.signal(signal.SIGINT, old)
     pid = gw._rinfo().pid
     os.kill(pid, signal.SIGINT)
     assert wait_gone(pid, 15)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import default_sigint
+
 pytest.importorskip("xdist")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,12 +143,6 @@ def session_env(out):
     return env
 
 
-def _default_sigint():
-    # a controller started from a shell that ignores SIGINT would inherit
-    # SIG_IGN and Python would not install its KeyboardInterrupt handler
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(suite, out, *args):
     # plugins that have nothing to do with xdist but cost ~1.5 s of start-up
     # in the controller and every worker, where installed
@@ -155,7 +151,7 @@ def start(suite, out, *args):
     return subprocess.Popen(
         cmd, cwd=suite, env=session_env(out), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=_default_sigint)
+        preexec_fn=default_sigint)
 
 
 class Result:
