@@ -1082,14 +1082,16 @@ class Channel(_ChannelBase):
     def __del__(self):
         # an error the peer closed us with that nobody received is not
         # lost silently (as with stock execnet)
-        for error in getattr(self, "_remoteerrors", None) or ():
-            if isinstance(error, RemoteError):
-                try:
+        try:
+            for error in getattr(self, "_remoteerrors", None) or ():
+                if isinstance(error, RemoteError):
                     error.warn()
-                except Exception:
-                    pass
+        except Exception:
+            pass  # interpreter shutdown: module globals may be gone
         gw = getattr(self, "gateway", None)
-        if gw is None or self._closed or self._queue.is_closed():
+        if (gw is None or self._closed or self._queue.is_closed()
+                or self._callback is not None):
+            # (a callback goes on receiving without this object)
             return
         # nobody can receive on this channel anymore: tell the peer, from
         # another thread.  A finalizer may run inside a send (GC during an
@@ -1793,19 +1795,31 @@ class WorkerGateway(BaseGateway):
             with self._tasks_cond:
                 if not self._main_busy:
                     self._main_busy = True
+                    # counted from now on: a shutdown that comes before
+                    # the main thread picks it up still waits for it
+                    self._running += 1
                     self._tasks.append(task)
                     self._tasks_cond.notify()
                     return
             if self.execmodel.backend == "main_thread_only":
                 channel._close(MAIN_THREAD_BUSY_TEXT)
                 return
-        self.execmodel.start(self._run_task, (task,))
+        with self._tasks_cond:
+            self._running += 1
+        try:
+            self.execmodel.start(self._run_task, (task,))
+        except BaseException:
+            with self._tasks_cond:
+                self._running -= 1
+                self._tasks_cond.notify_all()
+            raise
 
     def _run_task(self, task, on_main=False):
         channel, source, filename, call_name, kwargs = task
+        # _running (what shutdown waits for, the close included) was
+        # counted when the task was scheduled
         with self._tasks_cond:
             self._executing += 1  # what remote_status reports
-            self._running += 1  # what shutdown waits for: includes the close
         channel._executing = True
         error = None
         try:

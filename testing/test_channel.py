@@ -317,6 +317,31 @@ def test_remote_channel_knows_execmodel(gw):
     assert ch.receive(10) == "thread"
 
 
+def test_collected_channel_with_a_callback_keeps_receiving(gw):
+    # the callback goes on receiving without the Channel object: dropping
+    # the object must not tell the peer to stop sending
+    import gc
+
+    got = queue.Queue()
+    go = gw.newchannel()
+
+    def start():
+        ch = gw.remote_exec("""
+            go = channel.receive()
+            go.receive()  # our master has dropped its channel object
+            for i in range(5):
+                channel.send(i)
+        """)
+        ch.setcallback(got.put, endmarker="END")
+        ch.send(go)
+
+    start()
+    gc.collect()
+    go.send(None)  # goes out after anything the collection queued
+    items = [got.get(timeout=10) for _ in range(6)]
+    assert items == [0, 1, 2, 3, 4, "END"]
+
+
 def test_receive_refuses_a_negative_timeout(gw):
     # as queue.Queue.get() does, and so stock execnet: also with an item
     # ready to take

@@ -268,6 +268,18 @@ def test_worker_shuts_down_quietly_on_sigint(makegateway):
         gw.remote_exec("pass")
 
 
+def test_remote_exec_right_before_exit_still_runs(makegateway, tmp_path):
+    # the worker's shutdown waits for a task the main thread has not even
+    # picked up yet
+    for i in range(5):
+        marker = tmp_path / ("ran%d" % i)
+        gw = makegateway()
+        gw.remote_exec("open(%r, 'w').write('x')" % str(marker))
+        gw.exit()
+        gw.join(10)
+        assert marker.exists(), i
+
+
 @pytest.mark.parametrize("execmodel", ["thread", "main_thread_only"])
 def test_worker_with_stuck_task_exits_after_exit(execmodel):
     group = execnet.Group(execmodel=execmodel)
