@@ -1325,6 +1325,11 @@ engine_flush(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             Py_RETURN_TRUE;
         }
+        if (monotonic_ns() >= deadline) {
+            /* Handed over with no time left: senders that keep appending
+               could otherwise keep us here past the limit. */
+            Py_RETURN_FALSE;
+        }
     }
 }
 
