@@ -1844,9 +1844,7 @@ class WorkerGateway(BaseGateway):
                 if on_main:
                     self._main_busy = False
         try:
-            channel._close(error)
-        except OSError:
-            pass  # the connection is gone: nobody to tell
+            channel._close(error)  # send errors (connection gone) end there
         finally:
             with self._tasks_cond:
                 self._running -= 1
